@@ -1,0 +1,103 @@
+"""Builds the demo's tiny pretrained-model folder locally (no hub, no download).
+
+The folder has the diffusers layout (`unet/`, `text_encoder/`, `tokenizer/`) and is
+then loaded by the same code that loads real Stable Diffusion folders, so the demo
+exercises the real loading path. The tokenizer is a genuine CLIP BPE tokenizer whose
+vocabulary is learned from the demo's caption words.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Iterable
+
+import jax
+import ml_collections
+
+from jaxcond.data import demo as demo_data
+
+
+def _learn_bpe(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Plain BPE: merge the most frequent adjacent pair until every word is one symbol.
+
+    Replaying the merges in rank order (what CLIP's tokenizer does) reproduces exactly
+    these segmentations, so every demo word becomes a single token.
+    """
+    # CLIP marks the end of a word on its last character.
+    segs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in set(words)}
+    merges = []
+    while True:
+        counts = collections.Counter(p for s in segs.values() for p in zip(s, s[1:]))
+        if not counts:
+            return merges
+        pair = max(sorted(counts), key=counts.__getitem__)
+        merges.append(pair)
+        for w, s in segs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == pair:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            segs[w] = tuple(out)
+
+
+def _write_tokenizer(path: str, max_length: int) -> int:
+    """Writes a CLIP tokenizer for the demo words; returns the vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    words = sorted({w for a in demo_data.all_combinations() for w in demo_data.caption(a).split()})
+    merges = _learn_bpe(words)
+    symbols = sorted({c for w in words for c in w} | {c + "</w>" for w in words for c in w})
+    symbols += [a + b for a, b in merges]
+    vocab = {"<|startoftext|>": 0}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    # CLIP pools at the end-of-text token, found as the highest id in older configs.
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
+                        pad_token="<|endoftext|>", model_max_length=max_length)
+    tok.save_pretrained(path)
+    return len(vocab)
+
+
+def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int) -> None:
+    """Writes a randomly initialised tiny model folder described by `cfg` (config.model.demo)."""
+    from diffusers import FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
+    from jaxcond.models.unet_clip import _quiet_deprecations
+
+    _quiet_deprecations()
+    vocab_size = _write_tokenizer(os.path.join(path, "tokenizer"), cfg.max_length)
+    text_cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_length, projection_dim=cfg.text_width,
+        bos_token_id=0, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    text = FlaxCLIPTextModel(text_cfg, seed=seed)
+    text.save_pretrained(os.path.join(path, "text_encoder"))
+
+    n = len(cfg.unet_channels)
+    # Cross-attention only at the lowest resolution: enough for the captions, cheap on CPU.
+    down = ("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",)
+    up = ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1)
+    unet = FlaxUNet2DConditionModel(
+        sample_size=resolution, in_channels=3, out_channels=3,
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_heads,
+        cross_attention_dim=cfg.text_width,
+        # SDXL-style added embedding: the pooled caption joins the timestep embedding.
+        addition_embed_type="text_time", addition_time_embed_dim=cfg.time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.text_width + 6 * cfg.time_embed_dim)
+    params = unet.init_weights(jax.random.key(seed))
+    unet.save_pretrained(os.path.join(path, "unet"), params=params)

@@ -1,0 +1,56 @@
+"""The one interface between the trainer and any model.
+
+A family owns everything model-specific: tokenizing captions (on the host), encoding
+them into named conditioners, mapping images to the diffusion space (pixels or VAE
+latents) and back, and the denoiser. The train step and sampler only see this
+interface, so the backing implementation (today diffusers' and transformers' Flax
+models) can be replaced without touching them.
+
+Params come in two trees: `trainable` (what the optimizer updates; the denoiser) and
+`frozen` (text encoders, VAE: never given optimizer state, never checkpointed, always
+reloaded from the model source).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+Params = Any
+
+
+class Family(abc.ABC):
+    """A text-to-image model as the trainer sees it."""
+
+    #: Conditioner name -> shape without the batch dimension.
+    conditioners: Mapping[str, tuple[int, ...]]
+    #: Shape of one sample in the diffusion space (C, H, W).
+    sample_shape: tuple[int, ...]
+    #: The pretrained weights, as loaded.
+    trainable: Params
+    frozen: Params
+
+    @abc.abstractmethod
+    def tokenize(self, captions: Sequence[str]) -> np.ndarray:
+        """Host-side: int32 [B, T] token ids."""
+
+    @abc.abstractmethod
+    def encode(self, frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
+        """In-step: token ids -> {conditioner: [B, ...]}."""
+
+    @abc.abstractmethod
+    def denoise(self, trainable: Params, x_t: jax.Array, t: jax.Array,
+                cond: Mapping[str, jax.Array]) -> jax.Array:
+        """In-step: the network output for noisy samples `x_t` at timesteps `t`."""
+
+    @abc.abstractmethod
+    def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
+        """In-step: uint8 [B, H, W, 3] images -> clean samples [B, *sample_shape]."""
+
+    @abc.abstractmethod
+    def x0_to_images(self, frozen: Params, x0: jax.Array) -> jax.Array:
+        """In-step: clean samples -> uint8 [B, H, W, 3] images."""

@@ -1,0 +1,103 @@
+"""A diffusers Flax UNet conditioned by a transformers Flax CLIP text encoder.
+
+Loaded from a diffusers-format folder (`unet/`, `text_encoder/`, `tokenizer/`), the
+layout of Stable Diffusion checkpoints and of the built-in demo model. This module is
+the only place that touches diffusers/transformers: the pins in pyproject.toml exist
+because their later releases removed these Flax classes.
+
+The demo model is pixel-space (no `vae/`). Conditioners: `text` (the encoder's last
+hidden states, for cross-attention) and, when the UNet has the SDXL-style `text_time`
+added embedding, `pooled` (the pooled caption vector).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcond.models.family import Family, Params
+
+
+def _quiet_deprecations() -> None:
+    # Both libraries warn on every Flax model construction that Flax is going away; we pin
+    # the last releases that have it (README) so the warning tells the user nothing.
+    import logging
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class UNetCLIP(Family):
+    """diffusers `FlaxUNet2DConditionModel` + transformers `FlaxCLIPTextModel`."""
+
+    def __init__(self, path: str, dtype: jnp.dtype = jnp.float32):
+        _quiet_deprecations()
+        from diffusers import FlaxUNet2DConditionModel
+        from transformers import CLIPTokenizer, FlaxCLIPTextModel
+
+        for sub in ("unet", "text_encoder", "tokenizer"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                raise FileNotFoundError(
+                    f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
+                    "folder with unet/, text_encoder/ and tokenizer/")
+        if os.path.isdir(os.path.join(path, "vae")):
+            # Latent families arrive with the SD adapters; refuse rather than train in the wrong space.
+            raise NotImplementedError(f"{path!r} has a vae/: latent-space models are not supported yet")
+        self.unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
+        self.text_encoder = FlaxCLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype)
+        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+        self.dtype = dtype
+        self.trainable = {"unet": unet_params}
+        self.frozen = {"text_encoder": self.text_encoder.params}
+
+        ucfg, tcfg = self.unet.config, self.text_encoder.config
+        self.max_length = self.tokenizer.model_max_length
+        self.conditioners = {"text": (self.max_length, tcfg.hidden_size)}
+        self.uses_pooled = ucfg.addition_embed_type == "text_time"
+        if self.uses_pooled:
+            self.conditioners["pooled"] = (tcfg.hidden_size,)
+            n_time_ids = (ucfg.projection_class_embeddings_input_dim - tcfg.hidden_size) // ucfg.addition_time_embed_dim
+            size = ucfg.sample_size
+            # SDXL-style micro-conditioning (original size, crop, target size); constant here
+            # because the demo renders at the training size without cropping.
+            self.time_ids = np.array([size, size, 0, 0, size, size][:n_time_ids], np.float32)
+        self.sample_shape = (ucfg.in_channels, ucfg.sample_size, ucfg.sample_size)
+
+    def tokenize(self, captions: Sequence[str]) -> np.ndarray:
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="np").input_ids
+        return ids.astype(np.int32)
+
+    def encode(self, frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
+        out = self.text_encoder(input_ids=tokens, params=frozen["text_encoder"], train=False)
+        cond = {"text": out.last_hidden_state}
+        if self.uses_pooled:
+            cond["pooled"] = out.pooler_output
+        return cond
+
+    def denoise(self, trainable: Params, x_t: jax.Array, t: jax.Array,
+                cond: Mapping[str, jax.Array]) -> jax.Array:
+        added = None
+        if self.uses_pooled:
+            b = x_t.shape[0]
+            added = {"text_embeds": cond["pooled"],
+                     "time_ids": jnp.broadcast_to(jnp.asarray(self.time_ids), (b, self.time_ids.size))}
+        out = self.unet.apply({"params": trainable["unet"]}, x_t.astype(self.dtype), t,
+                              cond["text"].astype(self.dtype), added_cond_kwargs=added, train=False)
+        return out.sample.astype(jnp.float32)
+
+    def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        return jnp.transpose(x, (0, 3, 1, 2))
+
+    def x0_to_images(self, frozen: Params, x0: jax.Array) -> jax.Array:
+        x = jnp.transpose(x0, (0, 2, 3, 1))
+        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
