@@ -1,0 +1,168 @@
+"""Config checks that run before anything is compiled.
+
+Every error names the offending field as it would be overridden on the command line
+(`config.dropout.groups.caption.rate`) and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import ml_collections
+
+from jaxcond import diffusion, dropout
+
+
+class ConfigError(ValueError):
+    """A config field has a value jaxcond cannot run with."""
+
+
+def _check(ok: bool, field: str, value: object, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field} = {value!r}: {want}")
+
+
+def _one_of(field: str, value: object, options: Iterable[str]) -> None:
+    options = tuple(options)
+    _check(value in options, field, value, f"must be one of {options}")
+
+
+def _int_at_least(field: str, value: object, low: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+           field, value, f"must be an integer >= {low}")
+
+
+def _in_unit_interval(field: str, value: object) -> None:
+    _check(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, field, value,
+           "must be a number in [0, 1]")
+
+
+def dropout_groups(cfg: ml_collections.ConfigDict,
+                   conditioners: Iterable[str] | None = None) -> list[dropout.Group]:
+    """The dropout groups of `cfg.dropout`, checked; conditioner names too when given."""
+    groups = []
+    owner: dict[str, str] = {}
+    for name, g in cfg.dropout.groups.items():
+        f = f"dropout.groups.{name}"
+        _in_unit_interval(f"{f}.rate", g.rate)
+        _one_of(f"{f}.schedule", g.schedule, dropout.SCHEDULES)
+        if g.schedule == "linear_warmup":
+            _int_at_least(f"{f}.warmup_steps", g.warmup_steps, 1)
+        if g.schedule == "every_n_epochs":
+            _int_at_least(f"{f}.every_n_epochs", g.every_n_epochs, 1)
+            _in_unit_interval(f"{f}.epoch_rate", g.epoch_rate)
+        members = tuple(g.members)
+        _check(len(members) > 0, f"{f}.members", g.members, "must name at least one conditioner")
+        for m in members:
+            _check(m not in owner, f"{f}.members", g.members,
+                   f"{m!r} is already in group {owner.get(m)!r}; a conditioner belongs to one group")
+            owner[m] = name
+            _check(m in cfg.dropout.nulls, f"{f}.members", g.members,
+                   f"{m!r} has no null: add config.dropout.nulls.{m} = 'empty' | 'zeros' | 'learned'")
+        groups.append(dropout.Group(
+            name=name, members=members, rate=float(g.rate), schedule=g.schedule,
+            warmup_steps=int(g.warmup_steps), every_n_epochs=int(g.every_n_epochs),
+            epoch_rate=float(g.epoch_rate)))
+    for m, kind in cfg.dropout.nulls.items():
+        _one_of(f"dropout.nulls.{m}", kind, dropout.NULL_KINDS)
+    if conditioners is not None:
+        known = tuple(conditioners)
+        for m in owner:
+            _check(m in known, f"dropout.groups.{owner[m]}.members", m,
+                   f"unknown conditioner; this model has {known}")
+        for m in cfg.dropout.nulls:
+            _check(m in known, f"dropout.nulls.{m}", cfg.dropout.nulls[m],
+                   f"{m!r} is not a conditioner of this model; it has {known}")
+    return groups
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the one -1 filled in; checked against the device count."""
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp}
+    free = [k for k, v in sizes.items() if v == -1]
+    _check(len(free) <= 1, "mesh", dict(sizes), "at most one axis may be -1")
+    for k, v in sizes.items():
+        _check(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{k}", v, "must be -1 or >= 1")
+    fixed = 1
+    for v in sizes.values():
+        fixed *= v if v != -1 else 1
+    if free:
+        _check(num_devices % fixed == 0, f"mesh.{free[0]}", -1,
+               f"the other axes use {fixed} devices, which does not divide the {num_devices} available")
+        sizes[free[0]] = num_devices // fixed
+    total = 1
+    for v in sizes.values():
+        total *= v
+    _check(total == num_devices, "mesh", dict(sizes),
+           f"axis sizes multiply to {total} but {num_devices} devices are available")
+    return sizes
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks every field the run depends on; raises ConfigError on the first bad one."""
+    _int_at_least("seed", cfg.seed, 0)
+    _check(cfg.seed < 2**31, "seed", cfg.seed, "must be < 2**31")
+    dropout_groups(cfg)
+    t = cfg.train
+    _int_at_least("train.steps", t.steps, 1)
+    _int_at_least("train.global_batch", t.global_batch, 1)
+    _int_at_least("train.grad_accum", t.grad_accum, 1)
+    _one_of("train.param_dtype", t.param_dtype, ("float32", "bfloat16"))
+    _one_of("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
+    _int_at_least("train.log_every", t.log_every, 1)
+    _int_at_least("train.sample_every", t.sample_every, 0)
+    shards = 1
+    for v in mesh_shape(cfg, num_devices).values():
+        shards *= v
+    _check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
+           f"must be divisible by config.train.grad_accum = {t.grad_accum}")
+    micro = t.global_batch // t.grad_accum
+    _check(micro % shards == 0, "train.global_batch", t.global_batch,
+           f"each micro-batch ({micro} = global_batch / grad_accum) must split evenly over the "
+           f"{shards} devices of the mesh (data x fsdp); use a multiple of {shards * t.grad_accum}")
+    d = cfg.diffusion
+    _int_at_least("diffusion.num_train_timesteps", d.num_train_timesteps, 2)
+    _one_of("diffusion.beta_schedule", d.beta_schedule, diffusion.BETA_SCHEDULES)
+    _one_of("diffusion.prediction_type", d.prediction_type, diffusion.PREDICTION_TYPES)
+    _check(d.snr_gamma >= 0, "diffusion.snr_gamma", d.snr_gamma, "must be >= 0 (0 turns it off)")
+    _check(d.noise_offset >= 0, "diffusion.noise_offset", d.noise_offset, "must be >= 0")
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _one_of("optim.schedule", o.schedule, ("cosine", "constant"))
+    _int_at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _in_unit_interval("optim.end_lr_fraction", o.end_lr_fraction)
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 turns it off)")
+    _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1) (0 turns it off)")
+    _int_at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)
+    _int_at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
+    if cfg.model.source == "demo":
+        m = cfg.model.demo
+        # diffusers' Flax UNet normalises with 32 groups.
+        _check(all(ch % 32 == 0 for ch in m.unet_channels), "model.demo.unet_channels",
+               m.unet_channels, "every width must be a multiple of 32")
+        _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
+               f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
+    _one_of("data.source", cfg.data.source, ("demo",))
+    _int_at_least("data.num_records", cfg.data.num_records, 1)
+    _check(cfg.data.num_records >= t.global_batch, "data.num_records", cfg.data.num_records,
+           f"must be at least one global batch ({t.global_batch})")
+    _check(all(g >= 0 for g in cfg.sample.guidance), "sample.guidance", cfg.sample.guidance,
+           "scales must be >= 0")
+
+
+# Fields whose change alters which examples, masks or noise a step sees: a resumed run
+# with any of them changed would not continue the run it claims to continue.
+RESUME_CRITICAL = ("seed", "dropout", "train.global_batch", "train.grad_accum", "data",
+                   "diffusion", "model")
+
+
+def _get(d: Mapping, dotted: str) -> object:
+    for part in dotted.split("."):
+        d = d.get(part, None) if isinstance(d, Mapping) else None
+    return d
+
+
+def resume_conflicts(saved: Mapping, current: Mapping) -> list[str]:
+    """Human-readable differences in RESUME_CRITICAL fields between two config dicts."""
+    return [f"config.{k}: checkpoint has {_get(saved, k)!r}, now {_get(current, k)!r}"
+            for k in RESUME_CRITICAL if _get(saved, k) != _get(current, k)]

@@ -1,0 +1,166 @@
+"""The train step: a pure function of (state, frozen params, global batch).
+
+Per step, in this order:
+1. all per-example randomness is drawn over the *global* batch from the step key
+   (`jaxcond.rng`): dropout masks (`jaxcond.dropout`), timesteps, noise;
+2. the batch is split into `grad_accum` micro-batches, micro-batch `a` holding global
+   positions p with p % grad_accum == a (so each stays spread over all devices);
+3. per micro-batch: encode captions, replace dropped conditioners by their nulls,
+   noise the images, predict, weighted MSE; gradients are averaged over micro-batches;
+4. one optimizer update, then the EMA.
+Nothing here reads a clock, a file or a global RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxcond import diffusion, dropout, rng
+from jaxcond.models.family import Family, Params
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static the step depends on (hashable; part of the compiled program)."""
+
+    seed: int
+    groups: tuple[dropout.Group, ...]
+    nulls: tuple[tuple[str, str], ...]  # (conditioner, null kind)
+    global_batch: int
+    grad_accum: int
+    steps_per_epoch: int
+    schedule: diffusion.Schedule
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    ema_decay: float = 0.0
+    # Benchmark switch only: compiles the step without any dropout code, to price it.
+    with_dropout: bool = True
+
+    @staticmethod
+    def from_config(cfg: ml_collections.ConfigDict, groups: list[dropout.Group],
+                    steps_per_epoch: int) -> StepSpec:
+        d = cfg.diffusion
+        return StepSpec(
+            seed=cfg.seed, groups=tuple(groups), nulls=tuple(sorted(cfg.dropout.nulls.items())),
+            global_batch=cfg.train.global_batch, grad_accum=cfg.train.grad_accum,
+            steps_per_epoch=steps_per_epoch,
+            schedule=diffusion.Schedule(d.num_train_timesteps, d.beta_schedule, d.beta_start,
+                                        d.beta_end, d.prediction_type),
+            snr_gamma=float(d.snr_gamma), noise_offset=float(d.noise_offset),
+            ema_decay=float(cfg.optim.ema_decay))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o, steps = cfg.optim, cfg.train.steps
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, max(steps, o.warmup_steps + 1),
+                                                end_value=o.lr * o.end_lr_fraction)
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+                                   optax.constant_schedule(o.lr)], [o.warmup_steps])
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return optax.chain(*parts), lr
+
+
+def empty_tokens(family: Family) -> np.ndarray:
+    return family.tokenize([""])
+
+
+def init_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
+               param_dtype: jnp.dtype = jnp.float32) -> State:
+    """Step 0: pretrained trainable params, learned nulls initialised from the empty caption."""
+    empty = family.encode(family.frozen, jnp.asarray(empty_tokens(family)))
+    params = {"model": family.trainable,
+              "nulls": {name: empty[name][0] for name, kind in spec.nulls if kind == "learned"}}
+    params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if spec.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def step_randomness(spec: StepSpec, step: jax.Array, x_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Masks, timesteps and noise of one step, over the global batch."""
+    b = spec.global_batch
+    with rng.derivation():
+        masks = (dropout.masks(spec.seed, step, spec.groups, b, spec.steps_per_epoch)
+                 if spec.with_dropout else {})
+        t = jax.random.randint(rng.stream_key(spec.seed, step, rng.STREAM_TIMESTEP), (b,), 0,
+                               spec.schedule.num_train_timesteps)
+        noise = jax.random.normal(rng.stream_key(spec.seed, step, rng.STREAM_NOISE), x_shape)
+        if spec.noise_offset > 0:
+            k = rng.stream_key(spec.seed, step, rng.STREAM_NOISE_OFFSET)
+            noise = noise + spec.noise_offset * jax.random.normal(k, x_shape[:2] + (1,) * (len(x_shape) - 2))
+    return {"masks": masks, "t": t, "noise": noise}
+
+
+def _micro(x: jax.Array, a: int) -> jax.Array:
+    """[B, ...] -> [a, B // a, ...], micro-batch j holding positions p with p % a == j."""
+    return jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1)
+
+
+def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
+          empty: Mapping[str, jax.Array], mb: Mapping[str, Any]) -> jax.Array:
+    cond = family.encode(frozen, mb["tokens"])
+    if spec.with_dropout:
+        nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
+        cond = dropout.apply(cond, nulls, mb["masks"], spec.groups)
+    acp = jnp.asarray(spec.schedule.alphas_cumprod)
+    x0, noise, t = mb["x0"], mb["noise"], mb["t"]
+    x_t = diffusion.add_noise(acp, x0, noise, t)
+    pred = family.denoise(params["model"], x_t, t, cond)
+    want = diffusion.target(spec.schedule.prediction_type, acp, x0, noise, t)
+    mse = jnp.mean(jnp.square(pred - want), axis=tuple(range(1, pred.ndim)))
+    w = diffusion.min_snr_weight(spec.schedule.prediction_type, acp, t, spec.snr_gamma)
+    return jnp.mean(w * mse)
+
+
+def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
+               lr: optax.Schedule, state: State, frozen: Params,
+               batch: Mapping[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer update on one global batch ({"images": uint8 [B,H,W,3], "tokens": int32 [B,T]})."""
+    step = state["step"]
+    x0 = family.images_to_x0(frozen, batch["images"])
+    r = step_randomness(spec, step, x0.shape)
+    empty = family.encode(frozen, jnp.asarray(empty_tokens(family)))
+    data = {"x0": x0, "tokens": batch["tokens"], "t": r["t"], "noise": r["noise"], "masks": r["masks"]}
+    grad_fn = jax.value_and_grad(lambda p, mb: _loss(family, spec, p, frozen, empty, mb))
+    params = state["params"]
+    a = spec.grad_accum
+    if a == 1:
+        loss, grads = grad_fn(params, data)
+    else:
+        micro = jax.tree.map(lambda x: _micro(x, a), data)
+
+        def body(carry, mb):
+            loss_mb, g_mb = grad_fn(params, mb)
+            return jax.tree.map(jnp.add, carry, (loss_mb, g_mb)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(body, zero, micro)
+        loss, grads = jax.tree.map(lambda x: x / a, (loss, grads))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new = {"step": step + 1, "params": new_params, "opt_state": opt_state}
+    if "ema" in state:
+        # Warm-up (as in diffusers' EMAModel): early averages would otherwise be dominated
+        # by the initial weights for thousands of steps.
+        n = step.astype(jnp.float32)
+        decay = jnp.minimum(spec.ema_decay, (1.0 + n) / (10.0 + n))
+        new["ema"] = optax.incremental_update(new_params, state["ema"], 1.0 - decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(step)}
+    for g in spec.groups if spec.with_dropout else ():
+        metrics[f"drop_frac/{g.name}"] = jnp.mean(r["masks"][g.name].astype(jnp.float32))
+        metrics[f"drop_rate/{g.name}"] = dropout.group_rate(g, step, spec.steps_per_epoch)
+    return new, metrics
