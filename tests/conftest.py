@@ -1,0 +1,65 @@
+"""Shared fixtures. Tests run on the CPU with 8 simulated devices and a persistent
+compilation cache inside the checkout, so repeated compiles (also in subprocesses) are cheap."""
+
+import os
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "jax"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import demo  # noqa: E402
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The demo config shrunk for tests: same model family and contract, seconds per run."""
+    c = demo.get_config()
+    c.model.demo.unet_channels = (32, 32)
+    c.model.demo.text_width = 16
+    c.model.demo.attention_heads = 2
+    c.model.demo.text_heads = 2
+    c.data.num_records = 256
+    c.train.global_batch = 16
+    c.train.steps = 8
+    c.train.log_every = 1
+    c.train.sample_every = 0
+    c.optim.warmup_steps = 2
+    c.checkpoint.every_steps = 4
+    c.sample.num_prompts = 2
+    c.sample.per_prompt = 2
+    c.sample.steps = 3
+    return c
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny demo model folder (diffusers layout) built once per session."""
+    from jaxcond.models import demo as demo_model
+
+    path = str(tmp_path_factory.mktemp("model"))
+    c = tiny_config()
+    demo_model.build(path, c.model.demo, c.data.resolution, c.model.demo.init_seed)
+    return path
+
+
+@pytest.fixture(scope="session")
+def config(model_dir) -> ml_collections.ConfigDict:
+    """tiny_config() pointing at the session's model folder (copy before changing)."""
+    c = tiny_config()
+    c.model.source = model_dir
+    return c
+
+
+@pytest.fixture(scope="session")
+def family(model_dir):
+    from jaxcond.models.unet_clip import UNetCLIP
+
+    return UNetCLIP(model_dir)
+

@@ -1,0 +1,169 @@
+"""The train step and loop on the tiny demo model: null substitution, sharding,
+gradient accumulation, resume, checkpoints, samples."""
+
+import copy
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcond import config as config_lib, sharding, train as train_lib
+from jaxcond import train_step as ts
+from jaxcond.data import order
+from jaxcond.models.family import Family
+
+
+def test_eight_devices():
+    assert jax.device_count() == 8, "XLA_FLAGS must be set before jax is imported"
+
+
+class Spy(Family):
+    """Delegates to a real family and records the `text` conditioning the denoiser sees."""
+
+    def __init__(self, inner: Family):
+        self.inner, self.seen = inner, []
+        self.conditioners, self.sample_shape = inner.conditioners, inner.sample_shape
+        self.trainable, self.frozen = inner.trainable, inner.frozen
+
+    def tokenize(self, captions):
+        return self.inner.tokenize(captions)
+
+    def encode(self, frozen, tokens):
+        return self.inner.encode(frozen, tokens)
+
+    def denoise(self, trainable, x_t, t, cond):
+        jax.debug.callback(lambda c: self.seen.append(np.asarray(c)), cond["text"])
+        return self.inner.denoise(trainable, x_t, t, cond)
+
+    def images_to_x0(self, frozen, images):
+        return self.inner.images_to_x0(frozen, images)
+
+    def x0_to_images(self, frozen, x0):
+        return self.inner.x0_to_images(frozen, x0)
+
+
+def _one_step_seen(config, family, rate, grad_accum=1, step=0):
+    cfg = copy.deepcopy(config)
+    cfg.dropout.groups.caption.rate = rate
+    cfg.train.grad_accum = grad_accum
+    spy = Spy(family)
+    groups = config_lib.dropout_groups(cfg, spy.conditioners)
+    spe = order.steps_per_epoch(cfg.data.num_records, cfg.train.global_batch)
+    spec = ts.StepSpec.from_config(cfg, groups, spe)
+    tx, lr = ts.make_optimizer(cfg)
+    state = ts.init_state(spy, spec, tx)
+    state["step"] = jnp.int32(step)
+    data = train_lib.load_data(cfg, spy)
+    ids = order.batch_ids(cfg.seed, step, cfg.train.global_batch, cfg.data.num_records)
+    batch = jax.tree.map(jnp.asarray, data.batch(ids))
+    _, metrics = jax.jit(functools.partial(ts.train_step, spy, spec, tx, lr))(state, spy.frozen, batch)
+    jax.effects_barrier()
+    seen = np.concatenate(spy.seen)  # micro-batch a holds global positions p % grad_accum == a
+    positions = np.concatenate([np.arange(a, cfg.train.global_batch, grad_accum) for a in range(grad_accum)])
+    text = np.empty_like(seen)
+    text[positions] = seen
+    null = np.asarray(state["params"]["nulls"]["text"])
+    real = np.asarray(family.encode(family.frozen, batch["tokens"])["text"])
+    masks = jax.device_get(ts.step_randomness(spec, jnp.int32(step), (cfg.train.global_batch,) + spy.sample_shape))
+    return text, null, real, masks["masks"]["caption"], metrics
+
+
+def test_rate_one_the_unet_sees_only_the_null(config, family):
+    text, null, real, mask, metrics = _one_step_seen(config, family, 1.0)
+    assert mask.all() and float(metrics["drop_frac/caption"]) == 1.0
+    assert (text == null).all()
+
+
+def test_rate_zero_the_unet_never_sees_the_null(config, family):
+    text, null, real, mask, metrics = _one_step_seen(config, family, 0.0)
+    assert not mask.any() and float(metrics["drop_frac/caption"]) == 0.0
+    np.testing.assert_allclose(text, real, atol=1e-5)
+    assert not any(np.allclose(row, null) for row in text)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_null_lands_exactly_on_masked_positions(config, family, grad_accum):
+    text, null, real, mask, _ = _one_step_seen(config, family, 0.5, grad_accum=grad_accum, step=3)
+    assert 0 < mask.sum() < mask.size
+    is_null = np.array([np.array_equal(row, null) for row in text])
+    np.testing.assert_array_equal(is_null, mask)
+    np.testing.assert_allclose(text[~mask], real[~mask], atol=1e-5)
+
+
+def _run_steps(config, tmp_path, devices, n=2, **overrides):
+    cfg = copy.deepcopy(config)
+    for k, v in overrides.items():
+        section, field = k.split("__")
+        cfg[section][field] = v
+    run = train_lib.build(cfg, str(tmp_path), devices=devices)
+    state, out = run.initial_state(), []
+    for s in range(n):
+        state, m = run.step_fn(state, run.frozen, run.put_batch(s))
+        out.append(jax.device_get(m))
+    return state, out
+
+
+def test_sharded_step_matches_one_device(config, tmp_path):
+    _, one = _run_steps(config, tmp_path, jax.devices()[:1])
+    for devices, mesh in [(jax.devices(), {}), (jax.devices(), {"mesh__data": 2, "mesh__fsdp": 4})]:
+        _, many = _run_steps(config, tmp_path, devices, **mesh)
+        for a, b in zip(one, many):
+            assert a["drop_frac/caption"] == b["drop_frac/caption"]
+            np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+            np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+
+
+def test_grad_accumulation_matches_one_big_batch(config, tmp_path):
+    devices = jax.devices()[:4]
+    s1, one = _run_steps(config, tmp_path, devices, train__grad_accum=1)
+    s4, four = _run_steps(config, tmp_path, devices, train__grad_accum=4)
+    for a, b in zip(one, four):
+        assert a["drop_frac/caption"] == b["drop_frac/caption"]
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    # Adam divides by sqrt(v): near-zero gradients' rounding differences become visible
+    # steps, bounded by the learning rate (1e-3 here).
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4),
+                 jax.device_get(s1["params"]), jax.device_get(s4["params"]))
+
+
+def test_bfloat16_compute_trains(config, tmp_path):
+    _, out = _run_steps(config, tmp_path, jax.devices(), n=3, train__compute_dtype="bfloat16")
+    assert all(np.isfinite(m["loss"]) for m in out)
+
+
+def test_resume_continues_the_run_bitwise(config, tmp_path):
+    ref = train_lib.train(config, str(tmp_path / "ref"), progress=False)
+    first = train_lib.train(config, str(tmp_path / "split"), progress=False, stop_at=4)
+    assert [h["step"] for h in first["history"]] == [1, 2, 3, 4]
+    second = train_lib.train(config, str(tmp_path / "split"), progress=False)
+    assert [h["step"] for h in second["history"]] == [5, 6, 7, 8]
+    for want, got in zip(ref["history"], first["history"] + second["history"]):
+        for k in ("loss", "grad_norm", "drop_frac/caption", "lr"):
+            assert want[k] == got[k], (want["step"], k)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref["state"]), jax.device_get(second["state"]))
+    steps = sorted(os.listdir(tmp_path / "split" / "checkpoints"))
+    assert "8" in steps and "4" in steps
+
+
+def test_resume_refuses_a_changed_seed_or_dropout(config, tmp_path):
+    train_lib.train(config, str(tmp_path), progress=False, stop_at=2)
+    changed = copy.deepcopy(config)
+    changed.seed = 1
+    changed.dropout.groups.caption.rate = 0.3
+    with pytest.raises(config_lib.ConfigError, match=r"config.seed.*\n.*config.dropout"):
+        train_lib.train(changed, str(tmp_path), progress=False)
+    out = train_lib.train(changed, str(tmp_path), progress=False, allow_config_change=True, stop_at=3)
+    assert [h["step"] for h in out["history"]] == [3]
+
+
+def test_final_samples_and_adherence_are_written(config, tmp_path):
+    cfg = copy.deepcopy(config)
+    cfg.train.steps = 2
+    out = train_lib.train(cfg, str(tmp_path), progress=False)
+    assert (tmp_path / "samples_final.png").exists() and (tmp_path / "adherence.json").exists()
+    assert set(out["scores"]) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
+    assert os.listdir(tmp_path / "tb")
