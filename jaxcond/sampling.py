@@ -59,7 +59,10 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
             eps, x0 = diffusion.to_epsilon_and_x0(spec.schedule.prediction_type, acp, x,
                                                   out, jnp.full((n,), t))
             if clip_x0:
+                # Re-derive eps from the clipped x0: keeping the unclipped eps makes the DDIM
+                # update inconsistent, and guided samples (whose x0 overshoots) fall apart.
                 x0 = jnp.clip(x0, -1.0, 1.0)
+                eps = (x - jnp.sqrt(acp[t]) * x0) / jnp.sqrt(1.0 - acp[t])
             a_prev = jnp.where(t_prev >= 0, acp[jnp.maximum(t_prev, 0)], 1.0)
             return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, None
 
