@@ -84,7 +84,16 @@ class Run:
     data: Data
     frozen: Any
     state_shardings: Any
-    step_fn: Any  # the jitted train step
+    step_fn: Any = None  # the jitted train step of `spec`
+
+    def jit_step(self, spec: ts.StepSpec) -> Any:
+        """The train step of `spec` compiled for the mesh, state donated."""
+        batch_sh = sharding.batch_sharding(self.mesh)
+        frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
+        return jax.jit(functools.partial(ts.train_step, self.family, spec, self.tx, self.lr),
+                       in_shardings=(self.state_shardings, frozen_sh, {"images": batch_sh, "tokens": batch_sh}),
+                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                       donate_argnums=(0,))
 
     def initial_state(self) -> Any:
         init = functools.partial(ts.init_state, self.family, self.spec, self.tx,
@@ -111,12 +120,9 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
                                                 DTYPES[cfg.train.param_dtype]))
     state_sh = sharding.state_shardings(mesh, abstract)
     frozen = jax.device_put(family.frozen, sharding.replicated(mesh))
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(functools.partial(ts.train_step, family, spec, tx, lr),
-                      in_shardings=(state_sh, frozen_sh, {"images": batch_sh, "tokens": batch_sh}),
-                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-    return Run(cfg, family, spec, tx, lr, mesh, data, frozen, state_sh, step_fn)
+    run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, state_sh)
+    run.step_fn = run.jit_step(spec)
+    return run
 
 
 def restore_or_init(run: Run, ckpts: checkpoint.Checkpoints, allow_config_change: bool) -> Any:

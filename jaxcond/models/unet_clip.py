@@ -27,6 +27,7 @@ def _quiet_deprecations() -> None:
     # the last releases that have it (README) so the warning tells the user nothing.
     import logging
 
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 

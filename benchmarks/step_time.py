@@ -1,0 +1,125 @@
+"""Step-time overheads of the compiled train step, as ratios measured side by side.
+
+Three variants of the same `jaxcond.train_step.train_step`, on the demo config at its
+real size (16x16 images, global batch 32, UNet (32, 64)):
+
+  sharded  the step exactly as `train.build()` compiles it: jax.jit with in/out
+           shardings over the mesh and the state donated;
+  plain    jax.jit(partial(train_step, ...)) with no shardings and no donation, every
+           input a plain array on device 0;
+  nodrop   `sharded` with StepSpec(with_dropout=False): no dropout code compiled at all.
+
+Each variant is compiled and warmed up first; then rounds time `--steps` consecutive
+steps per variant (ended by jax.block_until_ready), interleaved (the first variant
+rotating each round) so a busy machine slows all of them alike. All variants use the same
+pre-put batches and each has its own state (the step donates it). Printed: per-step
+medians over rounds, ratios of medians, and the median/min/max of the per-round ratios
+(the per-round median is the robust one when the machine's load changes mid-run).
+
+    .venv/bin/python benchmarks/step_time.py                 # 1 device (targets apply)
+    .venv/bin/python benchmarks/step_time.py --devices 8     # 8 simulated CPU devices
+
+Targets (1 device): sharded / plain <= 1.05 and sharded / nodrop <= 1.02.
+With --devices D > 1 the script sets XLA_FLAGS=--xla_force_host_platform_device_count=D
+itself and compares `sharded` on D simulated devices with `plain` on one device at
+equal global batch: report only, a CPU simulation has no target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ARGS = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ARGS.add_argument("--steps", type=int, default=5, help="consecutive steps timed per round")
+ARGS.add_argument("--repeats", type=int, default=15, help="rounds (each times every variant)")
+ARGS.add_argument("--devices", type=int, default=1, help="mesh size; > 1 simulates CPU devices")
+args = ARGS.parse_args()
+# Must be set before jax is imported (here or by jaxcond) to take effect.
+if args.devices > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}").strip()
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # its Flax deprecation notice, per scheduler
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+
+from configs import demo  # noqa: E402
+from jaxcond import train, train_step as ts  # noqa: E402
+
+logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/absl info lines would clutter the table
+
+
+@dataclasses.dataclass
+class Variant:
+    fn: Callable
+    state: Any
+    frozen: Any
+    batches: list[dict[str, jax.Array]]
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def steps(self, n: int) -> float:
+        """Seconds per step over n consecutive steps (state is donated: always rebind it)."""
+        t0 = time.perf_counter()
+        for i in range(n):
+            self.state, m = self.fn(self.state, self.frozen, self.batches[i % len(self.batches)])
+        jax.block_until_ready((self.state, m))
+        return (time.perf_counter() - t0) / n
+
+
+def main(workdir: str) -> None:
+    cfg = demo.get_config()
+    cfg.train.sample_every = 0
+    devices = jax.devices()[:args.devices]
+    run = train.build(cfg, workdir, devices=devices)  # writes the demo model into workdir
+    dev0 = jax.devices()[0]
+    sharded_batches = [run.put_batch(i) for i in range(args.steps)]  # as the train loop puts them
+    plain_batches = [jax.device_put(jax.device_get(b), dev0) for b in sharded_batches]
+    plain_fn = jax.jit(functools.partial(ts.train_step, run.family, run.spec, run.tx, run.lr))
+    variants = {
+        "sharded": Variant(run.step_fn, run.initial_state(), run.frozen, sharded_batches),
+        "plain": Variant(plain_fn, jax.device_put(run.initial_state(), dev0),
+                         jax.device_put(run.frozen, dev0), plain_batches),
+        "nodrop": Variant(run.jit_step(dataclasses.replace(run.spec, with_dropout=False)),
+                          run.initial_state(), run.frozen, sharded_batches),
+    }
+    for v in variants.values():  # compile + warm up; not timed
+        v.steps(2)
+    cache = {k: v.fn._cache_size() for k, v in variants.items()}
+    names = list(variants)
+    for r in range(args.repeats):
+        # Short rounds, first variant rotating: a load change hits all variants alike.
+        for k in names[r % 3:] + names[:r % 3]:
+            variants[k].times.append(variants[k].steps(args.steps))
+    # A growing jit cache would mean a recompile inside the timed loop.
+    recompiled = {k: v.fn._cache_size() - cache[k] for k, v in variants.items()}
+
+    print(f"\ndemo config: {cfg.data.resolution}x{cfg.data.resolution}, batch {cfg.train.global_batch}, "
+          f"UNet {tuple(cfg.model.demo.unet_channels)}; sharded/nodrop on {len(devices)} device(s) "
+          f"mesh {dict(run.mesh.shape)}, plain on 1; {args.repeats} rounds x {args.steps} steps")
+    print(f"{'variant':<8} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'recompiles':>10}")
+    for k, v in variants.items():
+        print(f"{k:<8} {1e3 * statistics.median(v.times):>10.1f} {1e3 * min(v.times):>8.1f} "
+              f"{1e3 * max(v.times):>8.1f} {recompiled[k]:>10d}")
+    for a, b, target in (("sharded", "plain", 1.05), ("sharded", "nodrop", 1.02)):
+        ta, tb = variants[a].times, variants[b].times
+        ratio = statistics.median(ta) / statistics.median(tb)
+        per_round = [x / y for x, y in zip(ta, tb)]
+        goal = f"target <= {target}: {'met' if ratio <= target else 'MISSED'}" if args.devices == 1 else "report only"
+        print(f"{a}/{b}: {ratio:.3f} (per-round ratios: median {statistics.median(per_round):.3f}, "
+              f"min {min(per_round):.3f}, max {max(per_round):.3f}; {goal})")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:  # the model folder lives only as long as the run
+        main(tmp)
