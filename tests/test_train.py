@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcond import config as config_lib, sharding, train as train_lib
+from jaxcond import config as config_lib, sampling, train as train_lib
 from jaxcond import train_step as ts
 from jaxcond.data import order
 from jaxcond.models.family import Family
@@ -167,3 +167,23 @@ def test_final_samples_and_adherence_are_written(config, tmp_path):
     assert (tmp_path / "samples_final.png").exists() and (tmp_path / "adherence.json").exists()
     assert set(out["scores"]) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
     assert os.listdir(tmp_path / "tb")
+
+
+def test_sampling_never_drops_and_uses_the_trained_null(config, family):
+    """Guidance pairs each caption's real encoding with the trained null, nothing else."""
+    cfg = copy.deepcopy(config)
+    cfg.dropout.groups.caption.rate = 1.0  # would drop everything if sampling applied dropout
+    spy = Spy(family)
+    groups = config_lib.dropout_groups(cfg, spy.conditioners)
+    spec = ts.StepSpec.from_config(cfg, groups, 16)
+    tx, _ = ts.make_optimizer(cfg)
+    params = ts.init_state(spy, spec, tx)["params"]
+    params["nulls"]["text"] = params["nulls"]["text"] + 1.0  # a null that differs from the empty encoding
+    captions = ["a red circle on a blue background", "a green square on a white background"]
+    images = sampling.sample_grid(spy, spec, params, spy.frozen, captions, [3.0], seed=0, steps=2)
+    jax.effects_barrier()
+    assert images.shape == (1, 2, 16, 16, 3) and images.dtype == jnp.uint8
+    real = np.asarray(family.encode(family.frozen, jnp.asarray(family.tokenize(captions)))["text"])
+    for seen in spy.seen:  # one per denoising step: [conditional rows; unconditional rows]
+        np.testing.assert_allclose(seen[:2], real, atol=1e-5)
+        assert (seen[2:] == np.asarray(params["nulls"]["text"])).all()
