@@ -24,11 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
     # A diffusers-format folder, or "demo" to build the tiny model below into <workdir>/base_model.
     c.model.source = "demo"
     c.model.demo = ml_collections.ConfigDict()
-    c.model.demo.unet_channels = (32, 64)  # One UNet level per entry; the last has cross-attention.
+    c.model.demo.unet_channels = (32, 64)  # One UNet level per entry, widths multiples of 32.
+    c.model.demo.cross_attention_levels = 1  # Lowest levels with caption cross-attention.
     c.model.demo.layers_per_block = 1  # ResNet blocks per UNet level.
     c.model.demo.attention_heads = 4  # Cross-attention heads.
     c.model.demo.time_embed_dim = 8  # Width of each SDXL-style micro-conditioning embedding.
-    c.model.demo.text_width = 32  # CLIP hidden size (= UNet cross-attention width).
+    c.model.demo.text_width = 64  # CLIP hidden size (= UNet cross-attention width); 32 followed captions less.
     c.model.demo.text_layers = 2  # CLIP transformer layers.
     c.model.demo.text_heads = 4  # CLIP attention heads.
     c.model.demo.max_length = 12  # Tokens per caption incl. start/end; demo captions need 9.

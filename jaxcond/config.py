@@ -140,6 +140,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         # diffusers' Flax UNet normalises with 32 groups.
         _check(all(ch % 32 == 0 for ch in m.unet_channels), "model.demo.unet_channels",
                m.unet_channels, "every width must be a multiple of 32")
+        _check(1 <= m.cross_attention_levels <= len(m.unet_channels), "model.demo.cross_attention_levels",
+               m.cross_attention_levels, f"must be in [1, {len(m.unet_channels)}] (the number of UNet levels)")
         _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
     _one_of("data.source", cfg.data.source, ("demo",))

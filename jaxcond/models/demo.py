@@ -72,12 +72,12 @@ def _write_tokenizer(path: str, max_length: int) -> int:
 
 def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int) -> None:
     """Writes a randomly initialised tiny model folder described by `cfg` (config.model.demo)."""
-    from diffusers import FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
-
     from jaxcond.models.unet_clip import _quiet_deprecations
 
     _quiet_deprecations()
+    from diffusers import FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
     vocab_size = _write_tokenizer(os.path.join(path, "tokenizer"), cfg.max_length)
     text_cfg = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
@@ -87,10 +87,10 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
     text = FlaxCLIPTextModel(text_cfg, seed=seed)
     text.save_pretrained(os.path.join(path, "text_encoder"))
 
-    n = len(cfg.unet_channels)
-    # Cross-attention only at the lowest resolution: enough for the captions, cheap on CPU.
-    down = ("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",)
-    up = ("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1)
+    n, k = len(cfg.unet_channels), cfg.cross_attention_levels
+    # Cross-attention on the k lowest resolutions only: attention is what costs on a CPU.
+    down = ("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k
+    up = ("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k)
     unet = FlaxUNet2DConditionModel(
         sample_size=resolution, in_channels=3, out_channels=3,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.unet_channels),
