@@ -65,7 +65,8 @@ def _main(argv: list[str], command: str) -> None:
 
     try:
         {"train": _train, "masks": _masks}[command]()
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, NotImplementedError) as e:
+        # Bad configs and model folders are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")
 
 

@@ -1,0 +1,114 @@
+"""Bad configs and flags fail before anything compiles, naming the field and the fix."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxcond import config as config_lib, train as train_lib
+from jaxcond.masks import mask_records
+from conftest import ROOT, tiny_config
+
+BAD = [
+    ("dropout.groups.caption.rate", 1.5, r"config.dropout.groups.caption.rate = 1.5: must be a number in \[0, 1\]"),
+    ("dropout.groups.caption.rate", -0.1, r"config.dropout.groups.caption.rate"),
+    ("dropout.groups.caption.schedule", "cosine", r"config.dropout.groups.caption.schedule = 'cosine': must be one of"),
+    ("dropout.groups.caption.members", ("text", "txt"), r"'txt' has no null"),
+    ("dropout.nulls.text", "random", r"config.dropout.nulls.text = 'random': must be one of \('empty', 'zeros', 'learned'\)"),
+    ("train.global_batch", 12, r"config.train.global_batch = 12: .*8 devices.*multiple of 8"),
+    ("train.grad_accum", 3, r"config.train.global_batch = 16: must be divisible by config.train.grad_accum = 3"),
+    ("mesh.data", 3, r"config.mesh.data = -1|config.mesh"),
+    ("diffusion.prediction_type", "x0", r"config.diffusion.prediction_type = 'x0'"),
+    ("model.demo.unet_channels", (16, 32), r"config.model.demo.unet_channels .* multiple of 32"),
+    ("seed", -1, r"config.seed = -1"),
+]
+
+
+def _set(cfg, dotted, value):
+    *path, last = dotted.split(".")
+    node = cfg
+    for p in path:
+        node = node[p]
+    node[last] = value
+
+
+@pytest.mark.parametrize("field,value,message", BAD)
+def test_bad_config_fails_before_compiling(tmp_path, field, value, message):
+    cfg = tiny_config()
+    _set(cfg, field, value)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        train_lib.build(cfg, str(tmp_path))
+    assert not os.listdir(tmp_path), "nothing may be built for a config that cannot run"
+
+
+def test_unknown_conditioner_is_named_with_the_known_ones(config, tmp_path):
+    cfg = copy.deepcopy(config)
+    cfg.dropout.groups.caption.members = ("text", "pooled", "time_ids")
+    cfg.dropout.nulls.time_ids = "zeros"
+    with pytest.raises(config_lib.ConfigError, match=r"'time_ids'.*unknown conditioner; this model has \('text', 'pooled'\)"):
+        train_lib.build(cfg, str(tmp_path))
+
+
+def test_conditioner_in_two_groups(tmp_path):
+    cfg = tiny_config()
+    cfg.dropout.groups.other = copy.deepcopy(cfg.dropout.groups.caption)
+    cfg.dropout.groups.other.members = ("pooled",)
+    with pytest.raises(config_lib.ConfigError, match="'pooled' is already in group 'caption'"):
+        train_lib.build(cfg, str(tmp_path))
+
+
+def test_mesh_shape_fills_the_free_axis():
+    cfg = tiny_config()
+    assert config_lib.mesh_shape(cfg, 8) == {"data": 8, "fsdp": 1}
+    cfg.mesh.fsdp = 4
+    assert config_lib.mesh_shape(cfg, 8) == {"data": 2, "fsdp": 4}
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxcond.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_a_bad_override_with_the_field_name(tmp_path):
+    r = _cli("train", "--config", "configs/demo.py", "--workdir", str(tmp_path),
+             "--config.dropout.groups.caption.rate=1.5")
+    assert r.returncode != 0
+    assert "config.dropout.groups.caption.rate = 1.5: must be a number in [0, 1]" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_unknown_field_and_missing_workdir():
+    r = _cli("train", "--config", "configs/demo.py", "--config.dropout.groups.captoin.rate=0.2")
+    assert r.returncode != 0 and "captoin" in r.stderr
+    r = _cli("train", "--config", "configs/demo.py")
+    assert r.returncode != 0 and "--workdir" in r.stderr
+    r = _cli("bogus")
+    assert r.returncode == 2 and "usage: jaxcond COMMAND" in r.stderr
+
+
+def test_cli_masks_prints_the_derived_masks():
+    r = _cli("masks", "--config", "configs/demo.py", "--steps", "3:6")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    from configs import demo
+
+    want = list(mask_records(demo.get_config(), range(3, 6)))
+    assert lines == json.loads(json.dumps(want))
+    assert [rec["step"] for rec in lines] == [3, 4, 5]
+    g = lines[0]["groups"]["caption"]
+    assert len(g["dropped_positions"]) == len(g["dropped_records"]) > 0
+
+
+def test_bad_model_folder_is_named(tmp_path):
+    r = _cli("train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+             f"--config.model.source={tmp_path / 'missing'}")
+    assert r.returncode != 0 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "half").mkdir()
+    r = _cli("train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+             f"--config.model.source={tmp_path / 'half'}")
+    assert r.returncode != 0 and "has no unet/ subfolder" in r.stderr and "Traceback" not in r.stderr
