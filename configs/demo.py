@@ -97,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # Data-parallel axis size; -1 takes all remaining devices.
     c.mesh.fsdp = 1  # Parameter-sharding axis size (batch is also split over it).
+    c.mesh.dcn_data = 1  # TPU slices the data axis spans (multi-slice); must divide mesh.data.
+    c.mesh.fsdp_min_size = 512  # Tensors with fewer elements stay replicated (not worth a gather).
 
     # --- Checkpoints -------------------------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()

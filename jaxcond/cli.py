@@ -27,13 +27,28 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Resume even if the seed, dropout spec, data or batch changed.")
 _STEPS = flags.DEFINE_string("steps", "0:1", "masks: half-open step range A:B.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Join JAX's multi-process runtime: auto = when the environment (SLURM, Open MPI, TPU "
+    "slice, JAX_COORDINATOR_ADDRESS) announces several processes; on = always (JAX detects "
+    "Cloud TPU, GKE, SLURM); off = never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for clusters JAX cannot detect.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: 0..N-1.")
 
 
 def _train() -> None:
+    from jaxcond import distributed
     from jaxcond.train import train
 
     if not _WORKDIR.value:
         raise app.UsageError("train needs --workdir DIR (where checkpoints, logs and samples go)")
+    try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
 
 

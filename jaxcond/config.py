@@ -111,9 +111,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _one_of("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
     _int_at_least("train.log_every", t.log_every, 1)
     _int_at_least("train.sample_every", t.sample_every, 0)
-    shards = 1
-    for v in mesh_shape(cfg, num_devices).values():
-        shards *= v
+    sizes = mesh_shape(cfg, num_devices)
+    shards = sizes["data"] * sizes["fsdp"]
+    _int_at_least("mesh.dcn_data", cfg.mesh.dcn_data, 1)
+    _check(sizes["data"] % cfg.mesh.dcn_data == 0, "mesh.dcn_data", cfg.mesh.dcn_data,
+           f"must divide the data axis ({sizes['data']}): each slice holds an equal part of it")
+    _int_at_least("mesh.fsdp_min_size", cfg.mesh.fsdp_min_size, 1)
     _check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
            f"must be divisible by config.train.grad_accum = {t.grad_accum}")
     micro = t.global_batch // t.grad_accum

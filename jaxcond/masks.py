@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -24,10 +24,13 @@ def mask_records(cfg: ml_collections.ConfigDict, steps: Iterable[int]) -> Iterat
     rate = jax.jit(lambda s: {g.name: dropout.group_rate(g, s, spe) for g in groups})
     for step in steps:
         masks, rates = jax.device_get((derive(step), rate(step)))
-        ids = order.batch_ids(cfg.seed, step, batch, n)
-        out = {}
-        for g in groups:
-            pos = np.flatnonzero(masks[g.name])
-            out[g.name] = {"rate": float(f"{rates[g.name]:.7g}"), "dropped_positions": pos.tolist(),
-                           "dropped_records": ids[pos].tolist()}
-        yield {"step": step, "epoch": step // spe, "groups": out}
+        yield to_record(step, spe, rates, masks, order.batch_ids(cfg.seed, step, batch, n))
+
+
+def to_record(step: int, steps_per_epoch: int, rates: Mapping[str, float],
+              masks: Mapping[str, np.ndarray], ids: np.ndarray) -> dict:
+    """The JSON record of one step's masks; the trainer logs the same records (masks.jsonl)."""
+    groups = {g: {"rate": float(f"{float(rates[g]):.7g}"),
+                  "dropped_positions": np.flatnonzero(m).tolist(),
+                  "dropped_records": ids[np.flatnonzero(m)].tolist()} for g, m in masks.items()}
+    return {"step": step, "epoch": step // steps_per_epoch, "groups": groups}

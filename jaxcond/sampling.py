@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxcond import diffusion, dropout
 from jaxcond.models.family import Family, Params
@@ -35,12 +37,12 @@ def ddim_timesteps(num_train: int, steps: int) -> jnp.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("family", "spec", "steps", "clip_x0"))
 def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, tokens: jax.Array,
-           guidance: jax.Array, key: jax.Array, steps: int = 50, clip_x0: bool = True) -> jax.Array:
+           guidance: jax.Array, seed: jax.Array, steps: int = 50, clip_x0: bool = True) -> jax.Array:
     """DDIM (eta=0) samples as uint8 images, one per row of `tokens`, per guidance scale.
 
     `guidance` is a float array [G]; returns [G, N, H, W, 3]. Scale 1 is the plain
-    conditional model, 0 the unconditional one. The same `key` gives the same starting
-    noise for every scale, so columns of a grid differ only by guidance.
+    conditional model, 0 the unconditional one. Every scale starts from the same noise
+    (from `seed`), so columns of a grid differ only by guidance.
     """
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
     cond = family.encode(frozen, tokens)
@@ -49,7 +51,7 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
     n = tokens.shape[0]
     ts = ddim_timesteps(spec.schedule.num_train_timesteps, steps)
     prev = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
-    x_init = jax.random.normal(key, (n,) + tuple(family.sample_shape))
+    x_init = jax.random.normal(jax.random.key(seed), (n,) + tuple(family.sample_shape))
 
     def one_scale(g):
         def body(x, tt):
@@ -75,7 +77,9 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
 def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
                 captions: Sequence[str], guidance: Sequence[float], seed: int,
                 steps: int) -> jax.Array:
-    """[len(guidance), len(captions), H, W, 3] uint8 samples."""
-    tokens = jnp.asarray(family.tokenize(captions))
-    return sample(family, spec, params, frozen, tokens, jnp.asarray(guidance, jnp.float32),
-                  jax.random.key(seed), steps=steps)
+    """[len(guidance), len(captions), H, W, 3] uint8 samples, the same on every process."""
+    # Host (numpy) inputs: in a multi-process run jit treats them as replicated values,
+    # where a device array made here would live on this process's devices only.
+    out = sample(family, spec, params, frozen, np.asarray(family.tokenize(captions)),
+                 np.asarray(guidance, np.float32), np.int32(seed), steps=steps)
+    return multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out

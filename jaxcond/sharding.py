@@ -1,26 +1,43 @@
-"""Device mesh and the placement of arrays on it.
+"""Device mesh, sharding rules, and the placement of arrays on the mesh.
 
-The mesh has axes ("data", "fsdp"). The batch is split over both; parameters and
-optimizer state are replicated (sharding them over "fsdp" is the scale-out work).
+Mesh axes are ("data", "fsdp"). The batch is split over both. Parameters, optimizer
+state, EMA and frozen weights follow one rule (`param_spec`): a tensor of at least
+`min_size` elements is split over "fsdp" along its largest dimension that the axis
+divides; anything smaller or indivisible is replicated. With fsdp=1 everything is
+replicated (plain data parallelism). XLA inserts the all-gathers and reduce-scatters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
 BATCH = P(AXES)
 
 
-def make_mesh(shape: Mapping[str, int], devices: list | None = None) -> Mesh:
-    """A mesh with the given axis sizes (as returned by config.mesh_shape)."""
+def make_mesh(shape: Mapping[str, int], devices: list | None = None,
+              dcn_data: int = 1) -> Mesh:
+    """A mesh with the given axis sizes (as returned by config.mesh_shape).
+
+    `dcn_data` > 1 splits the data axis over that many TPU slices (multi-slice): a hybrid
+    mesh keeps fsdp traffic on the fast in-slice interconnect and only data-parallel
+    gradient reductions on the data-centre network.
+    """
     devices = jax.devices() if devices is None else devices
-    grid = np.asarray(devices).reshape([shape[a] for a in AXES])
+    sizes = [shape[a] for a in AXES]
+    if dcn_data > 1:
+        ici = [sizes[0] // dcn_data, sizes[1]]
+        grid = mesh_utils.create_hybrid_device_mesh(ici, [dcn_data, 1], devices)
+    elif devices[0].platform == "tpu":
+        grid = mesh_utils.create_device_mesh(sizes, devices)  # follows the physical torus
+    else:
+        grid = np.asarray(devices).reshape(sizes)
     return Mesh(grid, AXES)
 
 
@@ -33,12 +50,69 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH)
 
 
-def state_shardings(mesh: Mesh, state: Any) -> Any:
-    """Sharding of every leaf of the train state (all replicated for now)."""
-    return jax.tree.map(lambda _: replicated(mesh), state)
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+    """The rule: largest fsdp-divisible dimension of a big enough tensor goes over "fsdp"."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for d in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+        if shape[d] % fsdp == 0:
+            return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return P()
 
 
-def put_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host arrays of the full global batch -> global arrays split over the mesh."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+def param_shardings(mesh: Mesh, tree: Any, min_size: int) -> Any:
+    """NamedSharding of every leaf of `tree` (arrays or ShapeDtypeStructs) by `param_spec`."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree)
+
+
+def put_batch(mesh: Mesh, ids: np.ndarray,
+              load: Callable[[np.ndarray], Mapping[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """The global batch of record `ids` as arrays split over the mesh.
+
+    Each process calls `load` once, for only the records that land on its own devices,
+    so in a multi-host run every host reads its share and no host reads it all.
+    """
+    sh = batch_sharding(mesh)
+    n = len(ids)
+    slices = sh.addressable_devices_indices_map((n,)).values()
+    rows = sorted({r for s in slices for r in range(*s[0].indices(n))})
+    local = load(ids[rows])
+    where = {r: i for i, r in enumerate(rows)}
+
+    def piece(x: np.ndarray) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        return lambda idx: x[[where[r] for r in range(*idx[0].indices(n))]]
+
+    return {k: jax.make_array_from_callback((n,) + v.shape[1:], sh, piece(v)) for k, v in local.items()}
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes the largest-loaded device holds of `tree` (arrays or sharded ShapeDtypeStructs)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def bytes_total(tree: Any) -> int:
+    return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def summary(mesh: Mesh, state: Any, frozen: Any, global_batch: int, grad_accum: int) -> str:
+    """One screen: mesh, per-device bytes of each part of the state, batch split."""
+    mib = 2.0 ** 20
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices, {jax.process_count()} process(es), "
+             f"platform {mesh.devices.flat[0].platform}"]
+    parts = {"params": state["params"], "optimizer state": state["opt_state"],
+             "ema": state.get("ema", {}), "frozen (no optimizer state)": frozen}
+    for name, tree in parts.items():
+        if jax.tree.leaves(tree):
+            lines.append(f"  {name:<28} {bytes_total(tree) / mib:9.2f} MiB total, "
+                         f"{bytes_per_device(tree) / mib:9.2f} MiB per device")
+    lines.append(f"  batch: global {global_batch}, per device {global_batch // shards}, "
+                 f"per process {global_batch * len(mesh.local_devices) // mesh.size}, "
+                 f"micro-batches {grad_accum}")
+    return "\n".join(lines)

@@ -21,9 +21,10 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from PIL import Image
 
-from jaxcond import checkpoint, config as config_lib, sharding
+from jaxcond import checkpoint, config as config_lib, masks as masks_lib, sharding
 from jaxcond import train_step as ts
 from jaxcond.data import demo as demo_data, order
 from jaxcond.models import demo as demo_model
@@ -35,13 +36,20 @@ log = logging.getLogger("jaxcond")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def is_main_process() -> bool:
+    """Process 0 alone writes logs, samples and files; every process trains and checkpoints."""
+    return jax.process_index() == 0
+
+
 def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
     """The model named by config.model.source; "demo" builds the tiny one once per workdir."""
     path = cfg.model.source
     if path == "demo":
         path = os.path.join(workdir, "base_model")
-        if not os.path.isdir(os.path.join(path, "unet")):
+        if is_main_process() and not os.path.isdir(os.path.join(path, "unet")):
             demo_model.build(path, cfg.model.demo, cfg.data.resolution, cfg.model.demo.init_seed)
+        if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
+            multihost_utils.sync_global_devices("jaxcond: demo model built")
     elif not os.path.isdir(path):
         raise config_lib.ConfigError(
             f"config.model.source = {path!r}: not a folder; give a diffusers-format model folder or 'demo'")
@@ -90,7 +98,8 @@ class Run:
         """The train step of `spec` compiled for the mesh, state donated."""
         batch_sh = sharding.batch_sharding(self.mesh)
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
-        return jax.jit(functools.partial(ts.train_step, self.family, spec, self.tx, self.lr),
+        return jax.jit(functools.partial(ts.train_step, self.family, spec, self.tx, self.lr,
+                                         compute_sharding=sharding.replicated(self.mesh)),
                        in_shardings=(self.state_shardings, frozen_sh, {"images": batch_sh, "tokens": batch_sh}),
                        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                        donate_argnums=(0,))
@@ -102,14 +111,18 @@ class Run:
 
     def put_batch(self, step: int) -> dict[str, jax.Array]:
         ids = order.batch_ids(self.cfg.seed, step, self.spec.global_batch, len(self.data.images))
-        return sharding.put_batch(self.mesh, self.data.batch(ids))
+        return sharding.put_batch(self.mesh, ids, self.data.batch)
 
 
 def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Run:
     """Validates the config and builds model, data, mesh and the compiled step."""
     devices = jax.devices() if devices is None else devices
     config_lib.validate(cfg, len(devices))
-    mesh = sharding.make_mesh(config_lib.mesh_shape(cfg, len(devices)), devices)
+    if cfg.mesh.dcn_data > 1 and getattr(devices[0], "slice_index", None) is None:
+        raise config_lib.ConfigError(
+            f"config.mesh.dcn_data = {cfg.mesh.dcn_data}: these {devices[0].platform} devices are "
+            "not TPU slices (no slice_index); use 1 unless the run spans several TPU slices")
+    mesh = sharding.make_mesh(config_lib.mesh_shape(cfg, len(devices)), devices, cfg.mesh.dcn_data)
     family = load_family(cfg, workdir)
     groups = config_lib.dropout_groups(cfg, family.conditioners)
     spe = order.steps_per_epoch(cfg.data.num_records, cfg.train.global_batch)
@@ -118,8 +131,9 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
     data = load_data(cfg, family)
     abstract = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx,
                                                 DTYPES[cfg.train.param_dtype]))
-    state_sh = sharding.state_shardings(mesh, abstract)
-    frozen = jax.device_put(family.frozen, sharding.replicated(mesh))
+    state_sh = sharding.param_shardings(mesh, abstract, cfg.mesh.fsdp_min_size)
+    frozen = jax.device_put(family.frozen,
+                            sharding.param_shardings(mesh, family.frozen, cfg.mesh.fsdp_min_size))
     run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, state_sh)
     run.step_fn = run.jit_step(spec)
     return run
@@ -174,6 +188,88 @@ def _format_scores(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _truncate_jsonl(path: str, keep: Any) -> None:
+    """Keeps the records `keep` accepts; a torn last line (killed mid-write) goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if keep(json.loads(line)):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                pass
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class RunLog:
+    """Process 0's record of the run: TensorBoard, metrics.jsonl, masks.jsonl, images.
+
+    The masks of every step are kept on device and fetched in bulk at log time, so logging
+    them costs no per-step host synchronisation. Other processes get a RunLog that writes
+    nothing.
+    """
+
+    def __init__(self, run: Run, workdir: str, start: int):
+        from tensorboardX import SummaryWriter
+
+        self.run, self.workdir, self.active = run, workdir, is_main_process()
+        self.pending: list[tuple[int, dict[str, jax.Array], dict[str, jax.Array]]] = []
+        self.last_t, self.last_step = time.perf_counter(), start
+        self.writer = SummaryWriter(os.path.join(workdir, "tb")) if self.active else None
+        if self.active:
+            # Steps after the restored checkpoint will run again: drop their old lines.
+            _truncate_jsonl(os.path.join(workdir, "masks.jsonl"), lambda r: r["step"] < start)
+            _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda r: r["step"] <= start)
+
+    def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        groups = [g.name for g in self.run.spec.groups if f"dropped/{g.name}" in metrics]
+        self.pending.append((step, {g: metrics[f"dropped/{g}"] for g in groups},
+                             {g: metrics[f"drop_rate/{g}"] for g in groups}))
+
+    def flush(self, done: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        """Writes the scalars of step `done` and the masks of every step since the last flush."""
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if not k.startswith("dropped/")}
+        now = time.perf_counter()
+        scalars["step_time"] = (now - self.last_t) / (done - self.last_step)
+        scalars["examples_per_s"] = self.run.cfg.train.global_batch / scalars["step_time"]
+        self.last_t, self.last_step = now, done
+        pending, self.pending = jax.device_get(self.pending), []
+        if self.active:
+            cfg, spe = self.run.cfg, self.run.spec.steps_per_epoch
+            with open(os.path.join(self.workdir, "masks.jsonl"), "a") as f:
+                for step, masks, rates in pending:
+                    ids = order.batch_ids(cfg.seed, step, cfg.train.global_batch, len(self.run.data.images))
+                    f.write(json.dumps(masks_lib.to_record(step, spe, rates, masks, ids)) + "\n")
+            with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": done, **scalars}) + "\n")
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, done)
+        return scalars
+
+    def samples(self, done: int, final: bool, grid: np.ndarray, scores: dict) -> None:
+        if not self.active:
+            return
+        self.writer.add_image("samples", grid, done, dataformats="HWC")
+        for col, s in scores.items():
+            for k, v in s.items():
+                self.writer.add_scalar(f"adherence/{col}/{k}", v, done)
+        name = "samples_final.png" if final else f"samples_{done:06d}.png"
+        Image.fromarray(grid).save(os.path.join(self.workdir, name))
+
+    def close(self, scores: dict) -> None:
+        if not self.active:
+            return
+        self.writer.close()
+        if scores:
+            with open(os.path.join(self.workdir, "adherence.json"), "w") as f:
+                json.dump(scores, f, indent=2)
+            print("caption adherence of held-out samples (fraction right):\n" + _format_scores(scores))
+            print(f"samples: {os.path.join(self.workdir, 'samples_final.png')}")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
           progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Runs (or resumes) training to cfg.train.steps.
@@ -182,9 +278,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     adherence scores and the final state. `stop_at` ends the process after that step
     with a checkpoint, as an interruption would (the run itself still aims at
     cfg.train.steps: schedules are unchanged, and a later call continues it).
+    Every process of a multi-host run calls this with the same arguments.
     """
-    from tensorboardX import SummaryWriter
-
     os.makedirs(workdir, exist_ok=True)
     run = build(cfg, workdir)
     ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
@@ -192,53 +287,38 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                                    async_save=cfg.checkpoint.async_save)
     state = restore_or_init(run, ckpts, allow_config_change)
     start = int(state["step"])
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(checkpoint.config_to_json(cfg), f, indent=2)
-    writer = SummaryWriter(os.path.join(workdir, "tb"))
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    log.info("mesh %s, %d trainable params, global batch %d, steps %d -> %d",
-             dict(run.mesh.shape), n_params, cfg.train.global_batch, start, cfg.train.steps)
+    if is_main_process():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(checkpoint.config_to_json(cfg), f, indent=2)
+        log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
+            run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,
+            cfg.train.steps, sum(x.size for x in jax.tree.leaves(state["params"])))
+    runlog = RunLog(run, workdir, start)
 
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-    bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
-                    dynamic_ncols=True)
-    history, metrics, scores = [], {}, {}
-    last_t, last_step = time.perf_counter(), start
+    bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main_process()),
+                    unit="step", dynamic_ncols=True)
+    history, scores = [], {}
     batch = run.put_batch(start) if start < end else None
     for step in range(start, end):
         state, m = run.step_fn(state, run.frozen, batch)
         # Prepare the next batch while the device works on this one.
         batch = run.put_batch(step + 1) if step + 1 < end else None
+        runlog.step(step, m)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end:
-            metrics = {k: float(v) for k, v in jax.device_get(m).items()}
-            now = time.perf_counter()
-            metrics["step_time"] = (now - last_t) / (done - last_step)
-            metrics["examples_per_s"] = cfg.train.global_batch / metrics["step_time"]
-            last_t, last_step = now, done
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, done)
-            history.append({"step": done, **metrics})
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                            ex_s=f"{metrics['examples_per_s']:.0f}", refresh=False)
+            scalars = runlog.flush(done, m)
+            history.append({"step": done, **scalars})
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
+                            ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
         bar.update(1)
         if done % cfg.checkpoint.every_steps == 0 or done == end:
             ckpts.save(done, state, cfg, force=True)
         every = cfg.train.sample_every
         if done == cfg.train.steps or (every and done % every == 0):
             grid, scores = evaluate(run, state)
-            writer.add_image("samples", grid, done, dataformats="HWC")
-            for col, s in scores.items():
-                for k, v in s.items():
-                    writer.add_scalar(f"adherence/{col}/{k}", v, done)
-            name = "samples_final.png" if done == cfg.train.steps else f"samples_{done:06d}.png"
-            Image.fromarray(grid).save(os.path.join(workdir, name))
+            runlog.samples(done, done == cfg.train.steps, grid, scores)
     bar.close()
     ckpts.close()
-    writer.close()
-    if scores:
-        with open(os.path.join(workdir, "adherence.json"), "w") as f:
-            json.dump(scores, f, indent=2)
-        print("caption adherence of held-out samples (fraction right):\n" + _format_scores(scores))
-        print(f"samples: {os.path.join(workdir, 'samples_final.png')}")
+    runlog.close(scores)
     return {"history": history, "scores": scores, "state": state}

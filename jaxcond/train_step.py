@@ -128,14 +128,26 @@ def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
 
 def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
                lr: optax.Schedule, state: State, frozen: Params,
-               batch: Mapping[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer update on one global batch ({"images": uint8 [B,H,W,3], "tokens": int32 [B,T]})."""
+               batch: Mapping[str, jax.Array], *,
+               compute_sharding: Any = None) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer update on one global batch ({"images": uint8 [B,H,W,3], "tokens": int32 [B,T]}).
+
+    `compute_sharding` (e.g. replicated) is where the forward and backward pass see the
+    params. With FSDP-sharded params it gathers them once per step (and the gradients are
+    reduce-scattered back); left to itself XLA would push the parameter sharding into the
+    activations and re-materialise them inside attention.
+    """
     step = state["step"]
     x0 = family.images_to_x0(frozen, batch["images"])
     r = step_randomness(spec, step, x0.shape)
     empty = family.encode(frozen, jnp.asarray(empty_tokens(family)))
     data = {"x0": x0, "tokens": batch["tokens"], "t": r["t"], "noise": r["noise"], "masks": r["masks"]}
-    grad_fn = jax.value_and_grad(lambda p, mb: _loss(family, spec, p, frozen, empty, mb))
+    def loss_fn(p: Params, mb: Mapping[str, Any]) -> jax.Array:
+        if compute_sharding is not None:
+            p = jax.lax.with_sharding_constraint(p, compute_sharding)
+        return _loss(family, spec, p, frozen, empty, mb)
+
+    grad_fn = jax.value_and_grad(loss_fn)
     params = state["params"]
     a = spec.grad_accum
     if a == 1:
@@ -163,4 +175,5 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     for g in spec.groups if spec.with_dropout else ():
         metrics[f"drop_frac/{g.name}"] = jnp.mean(r["masks"][g.name].astype(jnp.float32))
         metrics[f"drop_rate/{g.name}"] = dropout.group_rate(g, step, spec.steps_per_epoch)
+        metrics[f"dropped/{g.name}"] = r["masks"][g.name]  # [B] bool, for the run's mask log
     return new, metrics

@@ -1,0 +1,41 @@
+"""One process of the two-host test in tests/test_scale.py (not a test module itself).
+
+    python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON WORKDIR
+
+Joins JAX's runtime on 127.0.0.1 with gloo CPU collectives, trains the config like
+`jaxcond train` would, and writes the record ids this process loaded to
+WORKDIR/loaded_<PROCESS_ID>.json so the test can check each host read only its share.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+
+def main() -> None:
+    pid, n, port, config_path, workdir = sys.argv[1:]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from jaxcond import distributed, train as train_lib
+
+    assert distributed.initialize("on", f"127.0.0.1:{port}", int(n), int(pid))
+    loaded: list[list[int]] = []
+    batch = train_lib.Data.batch
+
+    def recording(self, ids: np.ndarray) -> dict:
+        loaded.append(np.asarray(ids).tolist())
+        return batch(self, ids)
+
+    train_lib.Data.batch = recording
+    with open(config_path) as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    train_lib.train(cfg, workdir, progress=False)
+    with open(os.path.join(workdir, f"loaded_{pid}.json"), "w") as f:
+        json.dump(loaded, f)
+
+
+if __name__ == "__main__":
+    main()
