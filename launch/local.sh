@@ -3,13 +3,20 @@
 #
 #   bash launch/local.sh train --config configs/demo.py --workdir runs/demo
 #   bash launch/local.sh test [pytest args]
+#   bash launch/local.sh setup    # only the install (multi-node jobs do it once, up front)
 #
 # JAXCOND_EXTRA=cuda12 (or tpu) installs the accelerator wheels of jax as well.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+cd "$(dirname "$self")/.."
 
-usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,8p' "$self" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
+case "$1" in
+  test|setup|train|masks) ;;
+  -h|--help) usage ;;
+  *) echo "unknown command: $1" >&2; usage ;;
+esac
 
 venv=.venv
 extras="test${JAXCOND_EXTRA:+,$JAXCOND_EXTRA}"
@@ -29,8 +36,7 @@ case "$cmd" in
     # Tests run on the CPU with 8 simulated devices (sharding tests need several).
     export JAX_PLATFORMS=cpu
     exec "$venv/bin/python" -m pytest "$@" ;;
+  setup) ;;
   train|masks)
     exec "$venv/bin/jaxcond" "$cmd" "$@" ;;
-  -h|--help) usage ;;
-  *) echo "unknown command: $cmd" >&2; usage ;;
 esac
