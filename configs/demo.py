@@ -37,11 +37,32 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
-    c.data.source = "demo"  # The procedural shapes dataset (jaxcond.data.demo).
+    # demo: the procedural shapes (jaxcond.data.demo) | folder: images with same-named .txt
+    # captions | metadata: a metadata.jsonl/.csv with file_name and text columns.
+    c.data.source = "demo"
+    c.data.resolution = 16  # Image side in pixels (demo: 16 or 32); square if no buckets.
+    # demo only:
     c.data.num_records = 20000  # Images in the training set; an epoch is num_records // global_batch steps.
-    c.data.resolution = 16  # Image side in pixels (16 or 32).
     c.data.heldout_fraction = 0.1  # Share of (shape, colour, background) combinations never trained on.
     c.data.seed = 0  # Seed of the dataset's content (not of its order, which follows c.seed).
+    # folder / metadata only:
+    c.data.path = ""  # The folder, or the metadata file.
+    c.data.buckets = ()  # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square.
+    c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
+    c.data.flip = False  # Random horizontal flips (same determinism as the crop).
+    c.data.missing_caption = "skip"  # Image without caption: skip | empty (train it unconditionally).
+    c.data.empty_caption = "keep"  # Empty caption: keep (an unconditional example) | skip.
+    c.data.too_small = "upscale"  # Image smaller than its bucket: upscale | skip.
+    c.data.caption_shuffle = False  # Shuffle comma-separated tags (after keep_tokens) each epoch.
+    c.data.keep_tokens = 0  # Leading tags never shuffled or dropped.
+    c.data.tag_dropout = 0.0  # Drop each other tag with this probability (not caption dropout).
+    c.data.eval_prompts = ()  # Prompts of the sample grids; () = the first training captions.
+
+    # --- Loader (how, not what: changing these never changes a batch) ------------------------
+    c.loader = ml_collections.ConfigDict()
+    c.loader.workers = 2  # Threads loading batches ahead (and checking images at start).
+    c.loader.prefetch = 4  # Batches kept ready.
+    c.loader.processes = 0  # Worker processes instead of threads for heavy decoding; 0 = none.
 
     # --- Conditional dropout (the contract is in jaxcond/dropout.py) -------------------------
     c.dropout = ml_collections.ConfigDict()

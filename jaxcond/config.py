@@ -147,10 +147,28 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                m.cross_attention_levels, f"must be in [1, {len(m.unet_channels)}] (the number of UNet levels)")
         _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
-    _one_of("data.source", cfg.data.source, ("demo",))
-    _int_at_least("data.num_records", cfg.data.num_records, 1)
-    _check(cfg.data.num_records >= t.global_batch, "data.num_records", cfg.data.num_records,
-           f"must be at least one global batch ({t.global_batch})")
+    d = cfg.data
+    _one_of("data.source", d.source, ("demo", "folder", "metadata"))
+    _int_at_least("data.resolution", d.resolution, 8)
+    if d.source == "demo":
+        _int_at_least("data.num_records", d.num_records, 1)
+        _check(d.num_records >= t.global_batch, "data.num_records", d.num_records,
+               f"must be at least one global batch ({t.global_batch})")
+    else:
+        _check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the "
+               + ("folder of images and .txt captions" if d.source == "folder" else "metadata.jsonl/.csv file"))
+        for b in d.buckets:
+            _check(len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b), "data.buckets",
+                   d.buckets, "each bucket is (height, width) in pixels, both integers >= 8")
+        _one_of("data.crop", d.crop, ("center", "random"))
+        _one_of("data.missing_caption", d.missing_caption, ("skip", "empty"))
+        _one_of("data.empty_caption", d.empty_caption, ("keep", "skip"))
+        _one_of("data.too_small", d.too_small, ("upscale", "skip"))
+        _int_at_least("data.keep_tokens", d.keep_tokens, 0)
+        _in_unit_interval("data.tag_dropout", d.tag_dropout)
+    _int_at_least("loader.workers", cfg.loader.workers, 1)
+    _int_at_least("loader.prefetch", cfg.loader.prefetch, 1)
+    _int_at_least("loader.processes", cfg.loader.processes, 0)
     _check(all(g >= 0 for g in cfg.sample.guidance), "sample.guidance", cfg.sample.guidance,
            "scales must be >= 0")
 

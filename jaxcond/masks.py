@@ -17,14 +17,21 @@ def mask_records(cfg: ml_collections.ConfigDict, steps: Iterable[int]) -> Iterat
     """One JSON-ready record per step: per group the rate, the dropped batch positions
     and the record ids at those positions (the data order is a function of the step)."""
     groups = config_lib.dropout_groups(cfg)
-    batch, n = cfg.train.global_batch, cfg.data.num_records
-    spe = order.steps_per_epoch(n, batch)
+    batch = cfg.train.global_batch
+    if cfg.data.source == "demo":
+        n = cfg.data.num_records
+        spe, ids_of = order.steps_per_epoch(n, batch), lambda s: order.batch_ids(cfg.seed, s, batch, n)
+    else:  # the order depends on which files are usable: scan them (no model needed)
+        from jaxcond.data import pipeline
+
+        data = pipeline.make_data(cfg, None)
+        spe, ids_of = data.steps_per_epoch, data.ids
     derive = jax.jit(functools.partial(dropout.masks, cfg.seed, groups=groups, global_batch=batch,
                                        steps_per_epoch=spe))
     rate = jax.jit(lambda s: {g.name: dropout.group_rate(g, s, spe) for g in groups})
     for step in steps:
         masks, rates = jax.device_get((derive(step), rate(step)))
-        yield to_record(step, spe, rates, masks, order.batch_ids(cfg.seed, step, batch, n))
+        yield to_record(step, spe, rates, masks, ids_of(step))
 
 
 def to_record(step: int, steps_per_epoch: int, rates: Mapping[str, float],

@@ -66,6 +66,25 @@ def param_shardings(mesh: Mesh, tree: Any, min_size: int) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree)
 
 
+def local_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """Positions of the global batch that land on this process's devices, ascending."""
+    slices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
+    return np.array(sorted({r for s in slices for r in range(*s[0].indices(global_batch))}))
+
+
+def assemble(mesh: Mesh, global_batch: int, rows: np.ndarray,
+             local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays split over the mesh from this process's `rows` of each (`local`)."""
+    sh = batch_sharding(mesh)
+    where = {int(r): i for i, r in enumerate(rows)}
+
+    def piece(x: np.ndarray) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        return lambda idx: x[[where[r] for r in range(*idx[0].indices(global_batch))]]
+
+    return {k: jax.make_array_from_callback((global_batch,) + v.shape[1:], sh, piece(v))
+            for k, v in local.items()}
+
+
 def put_batch(mesh: Mesh, ids: np.ndarray,
               load: Callable[[np.ndarray], Mapping[str, np.ndarray]]) -> dict[str, jax.Array]:
     """The global batch of record `ids` as arrays split over the mesh.
@@ -73,17 +92,8 @@ def put_batch(mesh: Mesh, ids: np.ndarray,
     Each process calls `load` once, for only the records that land on its own devices,
     so in a multi-host run every host reads its share and no host reads it all.
     """
-    sh = batch_sharding(mesh)
-    n = len(ids)
-    slices = sh.addressable_devices_indices_map((n,)).values()
-    rows = sorted({r for s in slices for r in range(*s[0].indices(n))})
-    local = load(ids[rows])
-    where = {r: i for i, r in enumerate(rows)}
-
-    def piece(x: np.ndarray) -> Callable[[tuple[slice, ...]], np.ndarray]:
-        return lambda idx: x[[where[r] for r in range(*idx[0].indices(n))]]
-
-    return {k: jax.make_array_from_callback((n,) + v.shape[1:], sh, piece(v)) for k, v in local.items()}
+    rows = local_rows(mesh, len(ids))
+    return assemble(mesh, len(ids), rows, load(ids[rows]))
 
 
 def bytes_per_device(tree: Any) -> int:

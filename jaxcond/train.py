@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from PIL import Image
 
 from jaxcond import checkpoint, config as config_lib, masks as masks_lib, sharding
 from jaxcond import train_step as ts
-from jaxcond.data import demo as demo_data, order
+from jaxcond.data import demo as demo_data, pipeline
 from jaxcond.models import demo as demo_model
 from jaxcond.models.family import Family
 from jaxcond.models.unet_clip import UNetCLIP
@@ -57,29 +58,6 @@ def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
 
 
 @dataclasses.dataclass
-class Data:
-    """The training set as host arrays, plus the prompts used for validation samples."""
-
-    images: np.ndarray  # uint8 [N, H, W, 3]
-    tokens: np.ndarray  # int32 [N, T]
-    eval_targets: list[demo_data.Attrs]
-
-    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return {"images": self.images[ids], "tokens": self.tokens[ids]}
-
-
-def load_data(cfg: ml_collections.ConfigDict, family: Family) -> Data:
-    d = cfg.data
-    train_combos, heldout = demo_data.split_combinations(d.heldout_fraction, d.seed)
-    ds = demo_data.DemoDataset(d.num_records, d.resolution, d.seed, train_combos)
-    images, captions = ds.materialize()
-    # Held-out combinations test composition; without any, sample seen ones.
-    pool = heldout or train_combos
-    targets = [pool[i % len(pool)] for i in range(cfg.sample.num_prompts)]
-    return Data(images, family.tokenize(captions), targets)
-
-
-@dataclasses.dataclass
 class Run:
     """Everything built from a config before the first step."""
 
@@ -89,7 +67,7 @@ class Run:
     tx: optax.GradientTransformation
     lr: optax.Schedule
     mesh: jax.sharding.Mesh
-    data: Data
+    data: pipeline.Data
     frozen: Any
     state_shardings: Any
     step_fn: Any = None  # the jitted train step of `spec`
@@ -110,8 +88,16 @@ class Run:
         return jax.jit(init, out_shardings=self.state_shardings)()
 
     def put_batch(self, step: int) -> dict[str, jax.Array]:
-        ids = order.batch_ids(self.cfg.seed, step, self.spec.global_batch, len(self.data.images))
-        return sharding.put_batch(self.mesh, ids, self.data.batch)
+        """The global batch of `step`, loaded now (the loop prefetches instead)."""
+        return sharding.put_batch(self.mesh, self.data.ids(step), lambda ids: self.data.batch(ids, step))
+
+    def batches(self, start: int, end: int) -> Iterator[tuple[int, dict[str, jax.Array]]]:
+        """(step, global batch) for steps [start, end), this process's rows loaded ahead."""
+        rows = sharding.local_rows(self.mesh, self.spec.global_batch)
+        o = self.cfg.loader
+        for step, local in pipeline.Prefetcher(self.data, rows, start, end, workers=o.workers,
+                                               prefetch=o.prefetch, processes=o.processes):
+            yield int(step), sharding.assemble(self.mesh, self.spec.global_batch, rows, local)
 
 
 def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Run:
@@ -125,10 +111,9 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
     mesh = sharding.make_mesh(config_lib.mesh_shape(cfg, len(devices)), devices, cfg.mesh.dcn_data)
     family = load_family(cfg, workdir)
     groups = config_lib.dropout_groups(cfg, family.conditioners)
-    spe = order.steps_per_epoch(cfg.data.num_records, cfg.train.global_batch)
-    spec = ts.StepSpec.from_config(cfg, groups, spe)
+    data = pipeline.make_data(cfg, family)
+    spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)
     tx, lr = ts.make_optimizer(cfg)
-    data = load_data(cfg, family)
     abstract = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx,
                                                 DTYPES[cfg.train.param_dtype]))
     state_sh = sharding.param_shardings(mesh, abstract, cfg.mesh.fsdp_min_size)
@@ -167,17 +152,19 @@ def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, floa
     """
     s = run.cfg.sample
     params = state["ema"] if s.use_ema and "ema" in state else state["params"]
-    targets = [t for t in run.data.eval_targets for _ in range(s.per_prompt)]
+    prompts = run.data.eval_captions(s.num_prompts)
+    captions = [c for c in prompts for _ in range(s.per_prompt)]
     scales = (0.0,) + tuple(s.guidance)
-    images = np.asarray(sample_grid(run.family, run.spec, params, run.frozen,
-                                    [demo_data.caption(t) for t in targets], scales, s.seed, s.steps))
+    images = np.asarray(sample_grid(run.family, run.spec, params, run.frozen, captions, scales,
+                                    s.seed, s.steps))
     names = ["uncond"] + [f"cfg{g:g}" for g in s.guidance]
-    scores = {n: demo_data.adherence(images[i], targets) for i, n in enumerate(names)}
-    scores["chance"] = demo_data.chance_adherence(targets)
+    scores = {n: run.data.score(images[i], captions) for i, n in enumerate(names)}
+    scores = {n: v for n, v in scores.items() if v is not None}
+    if scores:
+        scores["chance"] = run.data.chance(captions)
     first = images[:, ::s.per_prompt]  # one sample per prompt for the picture
     grid = demo_data.grid_array(np.concatenate(np.swapaxes(first, 0, 1)), nrow=len(scales),
-                                row_labels=[demo_data.caption(t) for t in run.data.eval_targets],
-                                col_labels=names)
+                                row_labels=prompts, col_labels=names)
     return grid, scores
 
 
@@ -238,11 +225,11 @@ class RunLog:
         self.last_t, self.last_step = now, done
         pending, self.pending = jax.device_get(self.pending), []
         if self.active:
-            cfg, spe = self.run.cfg, self.run.spec.steps_per_epoch
+            spe = self.run.spec.steps_per_epoch
             with open(os.path.join(self.workdir, "masks.jsonl"), "a") as f:
                 for step, masks, rates in pending:
-                    ids = order.batch_ids(cfg.seed, step, cfg.train.global_batch, len(self.run.data.images))
-                    f.write(json.dumps(masks_lib.to_record(step, spe, rates, masks, ids)) + "\n")
+                    record = masks_lib.to_record(step, spe, rates, masks, self.run.data.ids(step))
+                    f.write(json.dumps(record) + "\n")
             with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": done, **scalars}) + "\n")
             for k, v in scalars.items():
@@ -299,11 +286,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main_process()),
                     unit="step", dynamic_ncols=True)
     history, scores = [], {}
-    batch = run.put_batch(start) if start < end else None
-    for step in range(start, end):
+    for step, batch in run.batches(start, end):
         state, m = run.step_fn(state, run.frozen, batch)
-        # Prepare the next batch while the device works on this one.
-        batch = run.put_batch(step + 1) if step + 1 < end else None
         runlog.step(step, m)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end:

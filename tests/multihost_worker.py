@@ -20,16 +20,17 @@ def main() -> None:
     pid, n, port, config_path, workdir = sys.argv[1:]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from jaxcond import distributed, train as train_lib
+    from jaxcond.data import pipeline
 
     assert distributed.initialize("on", f"127.0.0.1:{port}", int(n), int(pid))
     loaded: list[list[int]] = []
-    batch = train_lib.Data.batch
+    batch = pipeline.DemoData.batch
 
-    def recording(self, ids: np.ndarray) -> dict:
+    def recording(self, ids: np.ndarray, step: int) -> dict:
         loaded.append(np.asarray(ids).tolist())
-        return batch(self, ids)
+        return batch(self, ids, step)
 
-    train_lib.Data.batch = recording
+    pipeline.DemoData.batch = recording
     with open(config_path) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
     train_lib.train(cfg, workdir, progress=False)

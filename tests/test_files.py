@@ -90,7 +90,7 @@ def test_every_bad_input_gets_its_treatment(corpus):
     assert c["converted: L to RGB"] == 1 and c["converted: I;16 (16/32-bit) to 8-bit RGB"] == 1
     assert c["composited on white: transparency"] == 1
     assert c["rotated upright (EXIF orientation)"] == 1
-    assert c[f"upscaled: smaller than {SIZE}px"] == 1
+    assert c[f"upscaled: smaller than {SIZE}x{SIZE}"] == 1
     assert c["kept: empty caption (unconditional)"] == 1
     for d in decoded.values():
         if d is not None:
@@ -121,7 +121,7 @@ def test_policies_skip_or_keep(corpus):
     assert names["nocaption.png"] == "" and "empty.png" not in names
     report = files.Report()
     small = files.decode(str(corpus / "small.png"), SIZE, report, too_small="skip")
-    assert small is None and report.counts[f"skipped: smaller than {SIZE}px"] == 1
+    assert small is None and report.counts[f"skipped: smaller than {SIZE}x{SIZE}"] == 1
 
 
 def test_random_crop_is_deterministic_from_the_rng(corpus):

@@ -12,7 +12,7 @@ import pytest
 
 from jaxcond import config as config_lib, sampling, train as train_lib
 from jaxcond import train_step as ts
-from jaxcond.data import order
+from jaxcond.data import order, pipeline
 from jaxcond.models.family import Family
 
 
@@ -56,9 +56,8 @@ def _one_step_seen(config, family, rate, grad_accum=1, step=0):
     tx, lr = ts.make_optimizer(cfg)
     state = ts.init_state(spy, spec, tx)
     state["step"] = jnp.int32(step)
-    data = train_lib.load_data(cfg, spy)
-    ids = order.batch_ids(cfg.seed, step, cfg.train.global_batch, cfg.data.num_records)
-    batch = jax.tree.map(jnp.asarray, data.batch(ids))
+    data = pipeline.make_data(cfg, spy)
+    batch = jax.tree.map(jnp.asarray, data.batch(data.ids(step), step))
     _, metrics = jax.jit(functools.partial(ts.train_step, spy, spec, tx, lr))(state, spy.frozen, batch)
     jax.effects_barrier()
     seen = np.concatenate(spy.seen)  # micro-batch a holds global positions p % grad_accum == a

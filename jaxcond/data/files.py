@@ -166,17 +166,20 @@ def _metadata_rows(path: str) -> Iterator[tuple[int, dict]]:
 
 @dataclasses.dataclass(frozen=True)
 class Decoded:
-    """An image ready for the step: uint8 [size, size, 3], plus what SDXL conditions on."""
+    """An image ready for the step: uint8 [height, width, 3], plus what SDXL conditions on."""
 
     pixels: np.ndarray
     original_size: tuple[int, int]  # (height, width) before resizing
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
 
 
-def decode(path: str, size: int, report: Report, *, crop: str = "center",
-           rng: np.random.Generator | None = None, too_small: str = "upscale",
+def decode(path: str, size: int | tuple[int, int], report: Report, *, crop: str = "center",
+           flip: bool = False, rng: np.random.Generator | None = None, too_small: str = "upscale",
            max_pixels: int = 64_000_000) -> Decoded | None:
-    """The image at `path` as RGB uint8 [size, size, 3], or None (counted in `report`)."""
+    """The image at `path` as RGB uint8 [height, width, 3] (`size` = side or (height, width)),
+    resized to cover that shape and cropped; or None (counted in `report`). `flip` mirrors
+    it horizontally (the caller draws it, like the random crop, from its own rng)."""
+    th, tw = (size, size) if isinstance(size, int) else size
     if os.path.getsize(path) == 0:
         report.add("skipped: zero-byte file", path)
         return None
@@ -197,21 +200,23 @@ def decode(path: str, size: int, report: Report, *, crop: str = "center",
         return None
     img = _to_rgb(img, path, report)
     w, h = img.size
-    if min(w, h) < size:
+    if h < th or w < tw:
         if too_small == "skip":
-            report.add(f"skipped: smaller than {size}px", path)
+            report.add(f"skipped: smaller than {th}x{tw}", path)
             return None
-        report.add(f"upscaled: smaller than {size}px", path)
-    # Resize the short side to `size`, then crop the long side.
-    scale = size / min(w, h)
-    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+        report.add(f"upscaled: smaller than {th}x{tw}", path)
+    # Scale so the image just covers th x tw, then crop the overhang.
+    scale = max(th / h, tw / w)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     img = img.resize((rw, rh), Image.Resampling.LANCZOS)
     if crop == "random":
         rng = rng if rng is not None else np.random.default_rng(0)
-        top, left = int(rng.integers(0, rh - size + 1)), int(rng.integers(0, rw - size + 1))
+        top, left = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))
     else:
-        top, left = (rh - size) // 2, (rw - size) // 2
-    pixels = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        top, left = (rh - th) // 2, (rw - tw) // 2
+    pixels = np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.uint8)
+    if flip:
+        pixels = pixels[:, ::-1].copy()
     return Decoded(pixels, (h, w), (top, left))
 
 

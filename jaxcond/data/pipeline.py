@@ -1,0 +1,205 @@
+"""Training data as the loop sees it: per step, this process's rows of the global batch.
+
+Two sources behind one interface (`Data`): the built-in demo (in memory) and image files
+(a folder with .txt captions, or metadata.jsonl/csv). Everything a batch holds is a pure
+function of (config, step, record id): the order (`jaxcond.data.order`), the crop and
+flip, the caption augmentation. So a resumed run, another host or a worker thread
+produces the same batch, and the loader's only state is the step the checkpoint holds.
+
+`Prefetcher` runs `Data.batch` for upcoming steps in grain worker threads (or
+processes) so decoding overlaps the device step.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grain
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxcond.data import captions as captions_lib, demo as demo_data, files, order
+from jaxcond.models.family import Family
+
+log = logging.getLogger("jaxcond")
+
+
+class Data(abc.ABC):
+    """A training set: its global order by step and the loading of any records."""
+
+    num_records: int
+    #: Bucket index of every record (all 0 without aspect-ratio buckets).
+    buckets: tuple[int, ...]
+    #: (height, width) of each bucket.
+    bucket_shapes: tuple[tuple[int, int], ...]
+
+    def __init__(self, seed: int, global_batch: int):
+        self.seed, self.global_batch = seed, global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return order.bucketed_steps_per_epoch(self.global_batch, self.buckets)
+
+    def ids(self, step: int) -> np.ndarray:
+        """Record ids of the global batch of `step`, in batch-position order."""
+        return order.bucketed_batch(self.seed, step, self.global_batch, self.buckets)[1]
+
+    @abc.abstractmethod
+    def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        """{"images": uint8 [n, H, W, 3], "tokens": int32 [n, T]} of records `ids` at `step`."""
+
+    @abc.abstractmethod
+    def eval_captions(self, n: int) -> list[str]:
+        """Captions for validation samples."""
+
+    def score(self, images: np.ndarray, captions: Sequence[str]) -> dict[str, float] | None:
+        """Caption adherence of samples, where the data can measure it."""
+        return None
+
+    def chance(self, captions: Sequence[str]) -> dict[str, float] | None:
+        """What `score` gives samples that ignore their captions."""
+        return None
+
+
+class DemoData(Data):
+    """The procedural shapes (jaxcond.data.demo), materialised once in memory."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, family: Family):
+        super().__init__(cfg.seed, cfg.train.global_batch)
+        d = cfg.data
+        train_combos, heldout = demo_data.split_combinations(d.heldout_fraction, d.seed)
+        self.images, caps = demo_data.DemoDataset(d.num_records, d.resolution, d.seed,
+                                                  train_combos).materialize()
+        self.tokens = family.tokenize(caps)
+        self.num_records = d.num_records
+        self.buckets = (0,) * d.num_records
+        self.bucket_shapes = ((d.resolution, d.resolution),)
+        # Held-out combinations test composition; without any, sample seen ones.
+        self._eval_pool = heldout or train_combos
+
+    def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        return {"images": self.images[ids], "tokens": self.tokens[ids]}
+
+    def eval_captions(self, n: int) -> list[str]:
+        return [demo_data.caption(self._eval_pool[i % len(self._eval_pool)]) for i in range(n)]
+
+    def score(self, images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
+        return demo_data.adherence(images, [demo_data.parse_caption(c) for c in captions])
+
+    def chance(self, captions: Sequence[str]) -> dict[str, float]:
+        return demo_data.chance_adherence([demo_data.parse_caption(c) for c in captions])
+
+
+class FileData(Data):
+    """Images and captions from files, checked once at start (see jaxcond.data.files)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, family: Family):
+        super().__init__(cfg.seed, cfg.train.global_batch)
+        d = self.cfg_data = cfg.data
+        self.family, self.report = family, files.Report()
+        policy = dict(missing_caption=d.missing_caption, empty_caption=d.empty_caption)
+        if d.source == "folder":
+            records = files.scan_folder(d.path, self.report, **policy)
+        else:
+            records = files.scan_metadata(d.path, self.report, **policy)
+        shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
+        self.bucket_shapes = shapes
+        self.records, buckets = self._check(records, shapes, cfg.loader.workers)
+        if len(self.records) < self.global_batch:
+            raise files.DataError(f"{d.path}: {len(self.records)} usable images, fewer than one "
+                                  f"global batch ({self.global_batch}); see the table above")
+        self.buckets = tuple(buckets)
+        self.num_records = len(self.records)
+        counts = np.bincount(buckets, minlength=len(shapes))
+        log.info("data: %d images from %s\n%s\n  buckets (h x w: images, full batches/epoch): %s",
+                 self.num_records, d.path, self.report.table(),
+                 ", ".join(f"{h}x{w}: {c}, {c // self.global_batch}" for (h, w), c in zip(shapes, counts)))
+        if self.steps_per_epoch == 0:
+            raise files.DataError(f"no bucket holds a full global batch of {self.global_batch} "
+                                  f"(bucket counts {counts.tolist()}); use fewer buckets or a smaller batch")
+
+    def _check(self, records: list[files.Record], shapes: tuple[tuple[int, int], ...],
+               workers: int) -> tuple[list[files.Record], list[int]]:
+        """Decodes every image once (so no bad file surfaces mid-epoch) and picks its bucket:
+        the shape whose aspect ratio is nearest the image's."""
+        ratios = np.log([h / w for h, w in shapes])
+
+        def check(r: files.Record) -> tuple[files.Record, int] | None:
+            dec = files.decode(r.path, shapes[0], self.report, too_small=self.cfg_data.too_small)
+            if dec is None:
+                return None
+            h, w = dec.original_size
+            return r, int(np.argmin(np.abs(ratios - np.log(h / w))))
+
+        kept, buckets = [], []
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for out in tqdm.tqdm(pool.map(check, records), total=len(records), desc="checking images",
+                                 unit="img", disable=len(records) < 1000):
+                if out is not None:
+                    kept.append(files.Record(len(kept), out[0].path, out[0].caption))
+                    buckets.append(out[1])
+        return kept, buckets
+
+    def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        d = self.cfg_data
+        epoch = step // self.steps_per_epoch
+        shape = self.bucket_shapes[self.buckets[int(ids[0])]]
+        images, caps = [], []
+        for i in ids:
+            r = self.records[int(i)]
+            # Crop and flip from (seed, epoch, record): the same on any host, after any resume.
+            rng = np.random.default_rng([self.seed, epoch, int(i), 1])
+            dec = files.decode(r.path, shape, files.Report(), crop=d.crop,
+                               flip=bool(d.flip and rng.random() < 0.5), rng=rng, too_small="upscale")
+            if dec is None:  # the file changed since the start-up check
+                raise files.DataError(f"{r.path} could not be read any more; it was readable at start")
+            images.append(dec.pixels)
+            caps.append(captions_lib.augment(r.caption, seed=self.seed, epoch=epoch, record_id=int(i),
+                                             shuffle=d.caption_shuffle, keep_tokens=d.keep_tokens,
+                                             tag_dropout=d.tag_dropout))
+        return {"images": np.stack(images), "tokens": self.family.tokenize(caps)}
+
+    def eval_captions(self, n: int) -> list[str]:
+        prompts = list(self.cfg_data.eval_prompts) or [r.caption for r in self.records[:n]]
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def make_data(cfg: ml_collections.ConfigDict, family: Family) -> Data:
+    if cfg.data.source == "demo":
+        return DemoData(cfg, family)
+    if not os.path.exists(cfg.data.path):
+        raise files.DataError(f"config.data.path = {cfg.data.path!r} does not exist")
+    return FileData(cfg, family)
+
+
+class Prefetcher:
+    """This process's rows of the global batches of steps [start, end), loaded ahead.
+
+    grain maps `Data.batch` over the steps with `workers` threads and keeps `prefetch`
+    batches ready; with `processes` > 0 the loading runs in that many worker processes.
+    """
+
+    def __init__(self, data: Data, rows: np.ndarray, start: int, end: int, *, workers: int,
+                 prefetch: int, processes: int = 0):
+        def load(step: int) -> tuple[int, dict[str, np.ndarray]]:
+            step = int(step)  # grain's range yields numpy integers
+            return step, data.batch(data.ids(step)[rows], step)
+
+        ds = grain.MapDataset.range(start, end).map(load)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
+                                                  prefetch_buffer_size=max(1, prefetch)))
+        if processes > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes))
+        self._it = iter(it)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        return self._it

@@ -1,0 +1,114 @@
+"""Training from image files: bucketed deterministic order, prefetching loader, resume, masks."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcond import config as config_lib, masks as masks_lib, train as train_lib
+from jaxcond.data import demo as demo_data, files, order, pipeline
+
+
+def test_bucketed_order_one_bucket_per_batch_and_deterministic():
+    buckets = tuple(np.random.default_rng(0).integers(0, 3, 100).tolist())
+    spe = order.bucketed_steps_per_epoch(8, buckets)
+    assert spe == sum(c // 8 for c in np.bincount(buckets))
+    seen = []
+    for step in range(spe):
+        b, ids = order.bucketed_batch(5, step, 8, buckets)
+        assert len(ids) == 8 and all(buckets[i] == b for i in ids)
+        seen += ids.tolist()
+    assert len(seen) == len(set(seen))  # no record twice in an epoch
+    again = [order.bucketed_batch(5, s, 8, buckets)[1].tolist() for s in range(spe)]
+    assert again == [seen[i * 8:(i + 1) * 8] for i in range(spe)]
+    assert order.bucketed_batch(5, spe, 8, buckets)[1].tolist() != seen[:8]  # a new epoch reshuffles
+
+
+def test_single_bucket_order_is_the_documented_batch_ids():
+    for step in (0, 3, 12, 40):
+        _, ids = order.bucketed_batch(7, step, 16, (0,) * 200)
+        np.testing.assert_array_equal(ids, order.batch_ids(7, step, 16, 200))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """64 square and 40 wide demo images with captions, plus two bad files."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    combos = demo_data.all_combinations()
+    for i in range(104):
+        a = combos[i % len(combos)]
+        img = demo_data.render(a, rng, 32)
+        if i >= 64:  # wide: 32 x 48
+            img = np.concatenate([img, np.repeat(img[:, -1:], 16, axis=1)], axis=1)
+        Image.fromarray(img).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(demo_data.caption(a))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "broken.txt").write_text("x")
+    (root / "nocap.png").write_bytes((root / "000.png").read_bytes())
+    return root
+
+
+def _file_config(config, folder):
+    cfg = copy.deepcopy(config)
+    cfg.data.source, cfg.data.path = "folder", str(folder)
+    cfg.data.buckets = ((16, 16), (16, 24))
+    cfg.data.crop, cfg.data.flip = "random", True
+    cfg.data.eval_prompts = ("a red circle on a blue background",)
+    return cfg
+
+
+def test_folder_data_checks_buckets_and_reports(config, family, folder):
+    data = pipeline.make_data(_file_config(config, folder), family)
+    assert data.num_records == 104
+    assert np.bincount(data.buckets).tolist() == [64, 40]
+    assert data.report.counts["skipped: no caption"] == 1
+    assert data.report.counts["skipped: not a readable image (corrupt, truncated or not an image)"] == 1
+    for step in range(data.steps_per_epoch):
+        b = data.batch(data.ids(step), step)
+        assert b["images"].shape[1:3] in ((16, 16), (16, 24)) and b["tokens"].shape[0] == 16
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_prefetcher_yields_exactly_the_direct_batches(config, family, folder, processes):
+    data = pipeline.make_data(_file_config(config, folder), family)
+    rows = np.arange(3, 11)
+    got_steps = []
+    for step, got in pipeline.Prefetcher(data, rows, 2, 9, workers=3, prefetch=2, processes=processes):
+        got_steps.append(step)
+        want = data.batch(data.ids(step)[rows], step)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    assert got_steps == list(range(2, 9))
+
+
+def test_training_from_a_folder_resumes_exactly_and_logs_its_masks(config, folder, tmp_path):
+    cfg = _file_config(config, folder)
+    cfg.dropout.groups.caption.rate = 0.3
+    ref = train_lib.train(cfg, str(tmp_path / "ref"), progress=False)
+    train_lib.train(cfg, str(tmp_path / "split"), progress=False, stop_at=4)
+    out = train_lib.train(cfg, str(tmp_path / "split"), progress=False)
+    for want, got in zip(ref["history"][4:], out["history"]):
+        assert want["loss"] == got["loss"]
+    logged = [json.loads(line) for line in open(tmp_path / "split" / "masks.jsonl")]
+    assert logged == list(masks_lib.mask_records(cfg, range(cfg.train.steps)))
+    assert (tmp_path / "ref" / "samples_final.png").exists() and ref["scores"] == {}
+
+
+def test_file_source_config_errors(config, tmp_path):
+    cfg = copy.deepcopy(config)
+    cfg.data.source = "folder"
+    with pytest.raises(config_lib.ConfigError, match="config.data.path"):
+        train_lib.train(cfg, str(tmp_path), progress=False)
+    cfg.data.path = str(tmp_path / "missing")
+    with pytest.raises(files.DataError, match="does not exist"):
+        train_lib.train(cfg, str(tmp_path), progress=False)
+    (tmp_path / "few").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "few" / "a.png")
+    (tmp_path / "few" / "a.txt").write_text("x")
+    cfg.data.path = str(tmp_path / "few")
+    with pytest.raises(files.DataError, match="fewer than one global batch"):
+        train_lib.train(cfg, str(tmp_path), progress=False)
