@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.keep_tokens = 0  # Leading tags never shuffled or dropped.
     c.data.tag_dropout = 0.0  # Drop each other tag with this probability (not caption dropout).
     c.data.eval_prompts = ()  # Prompts of the sample grids; () = the first training captions.
+    # A folder written by `jaxcond cache` (decoded images + text-encoder outputs); "" = none.
+    # Dropout still happens in the step; random crops/flips/caption augmentation can't be cached.
+    c.data.cache = ""
 
     # --- Loader (how, not what: changing these never changes a batch) ------------------------
     c.loader = ml_collections.ConfigDict()

@@ -9,16 +9,18 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "masks")
+COMMANDS = ("train", "masks", "cache")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
   train   train (or resume) in --workdir
   masks   print the dropout masks of --steps A:B as JSON lines, without training
+  cache   precompute decoded images and text-encoder outputs into config.data.cache
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
   jaxcond masks --config configs/demo.py --steps 0:3
+  jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
 """
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (Python, get_config()).",
@@ -63,6 +65,19 @@ def _masks() -> None:
         print(json.dumps(rec))
 
 
+def _cache() -> None:
+    from jaxcond.data import cache
+    from jaxcond.train import load_family
+
+    cfg = _CONFIG.value
+    if not cfg.data.cache:
+        raise app.UsageError("cache needs --config.data.cache=DIR (where the cache goes)")
+    if not _WORKDIR.value and cfg.model.source == "demo":
+        raise app.UsageError("cache with model.source=demo needs --workdir (where the demo model is)")
+    m = cache.build(cfg, load_family(cfg, _WORKDIR.value or ""), cfg.data.cache)
+    print(f"cache of {len(m['records'])} records in {cfg.data.cache}: {', '.join(m['fields'])}")
+
+
 def _main(argv: list[str], command: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -77,10 +92,11 @@ def _main(argv: list[str], command: str) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     from jaxcond.config import ConfigError
+    from jaxcond.data.files import DataError
 
     try:
-        {"train": _train, "masks": _masks}[command]()
-    except (ConfigError, FileNotFoundError, NotImplementedError) as e:
+        {"train": _train, "masks": _masks, "cache": _cache}[command]()
+    except (ConfigError, DataError, FileNotFoundError, NotImplementedError) as e:
         # Bad configs and model folders are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")
 

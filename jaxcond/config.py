@@ -166,6 +166,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         _one_of("data.too_small", d.too_small, ("upscale", "skip"))
         _int_at_least("data.keep_tokens", d.keep_tokens, 0)
         _in_unit_interval("data.tag_dropout", d.tag_dropout)
+    if d.cache:
+        from jaxcond.data.cache import check_cacheable
+
+        check_cacheable(cfg)
     _int_at_least("loader.workers", cfg.loader.workers, 1)
     _int_at_least("loader.prefetch", cfg.loader.prefetch, 1)
     _int_at_least("loader.processes", cfg.loader.processes, 0)
@@ -185,7 +189,18 @@ def _get(d: Mapping, dotted: str) -> object:
     return d
 
 
+# Inside those sections, fields that change where batches come from but not what they hold.
+RESUME_EXEMPT = ("data.cache", "data.eval_prompts")
+
+
+def _without_exempt(d: Mapping, section: str) -> object:
+    value = _get(d, section)
+    if not isinstance(value, Mapping):
+        return value
+    return {k: v for k, v in value.items() if f"{section}.{k}" not in RESUME_EXEMPT}
+
+
 def resume_conflicts(saved: Mapping, current: Mapping) -> list[str]:
     """Human-readable differences in RESUME_CRITICAL fields between two config dicts."""
     return [f"config.{k}: checkpoint has {_get(saved, k)!r}, now {_get(current, k)!r}"
-            for k in RESUME_CRITICAL if _get(saved, k) != _get(current, k)]
+            for k in RESUME_CRITICAL if _without_exempt(saved, k) != _without_exempt(current, k)]

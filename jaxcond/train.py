@@ -78,7 +78,7 @@ class Run:
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         return jax.jit(functools.partial(ts.train_step, self.family, spec, self.tx, self.lr,
                                          compute_sharding=sharding.replicated(self.mesh)),
-                       in_shardings=(self.state_shardings, frozen_sh, {"images": batch_sh, "tokens": batch_sh}),
+                       in_shardings=(self.state_shardings, frozen_sh, batch_sh),  # every batch field
                        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                        donate_argnums=(0,))
 

@@ -112,7 +112,9 @@ def _micro(x: jax.Array, a: int) -> jax.Array:
 
 def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
           empty: Mapping[str, jax.Array], mb: Mapping[str, Any]) -> jax.Array:
-    cond = family.encode(frozen, mb["tokens"])
+    # Cached encodings (jaxcond.data.cache) stand in for the frozen encoder's output; the
+    # dropout below treats both alike.
+    cond = dict(mb["cond"]) if "cond" in mb else family.encode(frozen, mb["tokens"])
     if spec.with_dropout:
         nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
         cond = dropout.apply(cond, nulls, mb["masks"], spec.groups)
@@ -130,7 +132,8 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
                lr: optax.Schedule, state: State, frozen: Params,
                batch: Mapping[str, jax.Array], *,
                compute_sharding: Any = None) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer update on one global batch ({"images": uint8 [B,H,W,3], "tokens": int32 [B,T]}).
+    """One optimizer update on one global batch: {"images": uint8 [B,H,W,3]} and either
+    {"tokens": int32 [B,T]} or the cached encodings {"cond/<conditioner>": [B, ...]}.
 
     `compute_sharding` (e.g. replicated) is where the forward and backward pass see the
     params. With FSDP-sharded params it gathers them once per step (and the gradients are
@@ -141,7 +144,11 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     x0 = family.images_to_x0(frozen, batch["images"])
     r = step_randomness(spec, step, x0.shape)
     empty = family.encode(frozen, jnp.asarray(empty_tokens(family)))
-    data = {"x0": x0, "tokens": batch["tokens"], "t": r["t"], "noise": r["noise"], "masks": r["masks"]}
+    data = {"x0": x0, "t": r["t"], "noise": r["noise"], "masks": r["masks"]}
+    if "tokens" in batch:
+        data["tokens"] = batch["tokens"]
+    else:
+        data["cond"] = {k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")}
     def loss_fn(p: Params, mb: Mapping[str, Any]) -> jax.Array:
         if compute_sharding is not None:
             p = jax.lax.with_sharding_constraint(p, compute_sharding)

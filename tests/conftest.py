@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on the CPU with 8 simulated devices and a persistent
 compilation cache inside the checkout, so repeated compiles (also in subprocesses) are cheap."""
 
+import copy
 import os
 import pathlib
 
@@ -13,9 +14,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from configs import demo  # noqa: E402
+from jaxcond.data import demo as demo_data  # noqa: E402
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -63,3 +67,32 @@ def family(model_dir):
 
     return UNetCLIP(model_dir)
 
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """64 square and 40 wide demo images with captions, plus two bad files."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    combos = demo_data.all_combinations()
+    for i in range(104):
+        a = combos[i % len(combos)]
+        img = demo_data.render(a, rng, 32)
+        if i >= 64:  # wide: 32 x 48
+            img = np.concatenate([img, np.repeat(img[:, -1:], 16, axis=1)], axis=1)
+        Image.fromarray(img).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(demo_data.caption(a))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "broken.txt").write_text("x")
+    (root / "nocap.png").write_bytes((root / "000.png").read_bytes())
+    return root
+
+
+def file_config(config: ml_collections.ConfigDict, folder) -> ml_collections.ConfigDict:
+    """`config` training from `folder` with two buckets, random crops and flips."""
+    cfg = copy.deepcopy(config)
+    cfg.data.source, cfg.data.path = "folder", str(folder)
+    cfg.data.buckets = ((16, 16), (16, 24))
+    cfg.data.crop, cfg.data.flip = "random", True
+    cfg.data.eval_prompts = ("a red circle on a blue background",)
+    return cfg

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import file_config
 from jaxcond import config as config_lib, masks as masks_lib, train as train_lib
-from jaxcond.data import demo as demo_data, files, order, pipeline
+from jaxcond.data import files, order, pipeline
 
 
 def test_bucketed_order_one_bucket_per_batch_and_deterministic():
@@ -32,36 +33,8 @@ def test_single_bucket_order_is_the_documented_batch_ids():
         np.testing.assert_array_equal(ids, order.batch_ids(7, step, 16, 200))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """64 square and 40 wide demo images with captions, plus two bad files."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    combos = demo_data.all_combinations()
-    for i in range(104):
-        a = combos[i % len(combos)]
-        img = demo_data.render(a, rng, 32)
-        if i >= 64:  # wide: 32 x 48
-            img = np.concatenate([img, np.repeat(img[:, -1:], 16, axis=1)], axis=1)
-        Image.fromarray(img).save(root / f"{i:03d}.png")
-        (root / f"{i:03d}.txt").write_text(demo_data.caption(a))
-    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    (root / "broken.txt").write_text("x")
-    (root / "nocap.png").write_bytes((root / "000.png").read_bytes())
-    return root
-
-
-def _file_config(config, folder):
-    cfg = copy.deepcopy(config)
-    cfg.data.source, cfg.data.path = "folder", str(folder)
-    cfg.data.buckets = ((16, 16), (16, 24))
-    cfg.data.crop, cfg.data.flip = "random", True
-    cfg.data.eval_prompts = ("a red circle on a blue background",)
-    return cfg
-
-
-def test_folder_data_checks_buckets_and_reports(config, family, folder):
-    data = pipeline.make_data(_file_config(config, folder), family)
+def test_folder_data_checks_buckets_and_reports(config, family, image_folder):
+    data = pipeline.make_data(file_config(config, image_folder), family)
     assert data.num_records == 104
     assert np.bincount(data.buckets).tolist() == [64, 40]
     assert data.report.counts["skipped: no caption"] == 1
@@ -72,8 +45,8 @@ def test_folder_data_checks_buckets_and_reports(config, family, folder):
 
 
 @pytest.mark.parametrize("processes", [0, 2])
-def test_prefetcher_yields_exactly_the_direct_batches(config, family, folder, processes):
-    data = pipeline.make_data(_file_config(config, folder), family)
+def test_prefetcher_yields_exactly_the_direct_batches(config, family, image_folder, processes):
+    data = pipeline.make_data(file_config(config, image_folder), family)
     rows = np.arange(3, 11)
     got_steps = []
     for step, got in pipeline.Prefetcher(data, rows, 2, 9, workers=3, prefetch=2, processes=processes):
@@ -85,8 +58,8 @@ def test_prefetcher_yields_exactly_the_direct_batches(config, family, folder, pr
     assert got_steps == list(range(2, 9))
 
 
-def test_training_from_a_folder_resumes_exactly_and_logs_its_masks(config, folder, tmp_path):
-    cfg = _file_config(config, folder)
+def test_training_from_a_folder_resumes_exactly_and_logs_its_masks(config, image_folder, tmp_path):
+    cfg = file_config(config, image_folder)
     cfg.dropout.groups.caption.rate = 0.3
     ref = train_lib.train(cfg, str(tmp_path / "ref"), progress=False)
     train_lib.train(cfg, str(tmp_path / "split"), progress=False, stop_at=4)

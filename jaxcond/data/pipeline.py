@@ -75,7 +75,7 @@ class DemoData(Data):
         train_combos, heldout = demo_data.split_combinations(d.heldout_fraction, d.seed)
         self.images, caps = demo_data.DemoDataset(d.num_records, d.resolution, d.seed,
                                                   train_combos).materialize()
-        self.tokens = family.tokenize(caps)
+        self.tokens = family.tokenize(caps) if family is not None else None  # None: order only
         self.num_records = d.num_records
         self.buckets = (0,) * d.num_records
         self.bucket_shapes = ((d.resolution, d.resolution),)
@@ -169,7 +169,12 @@ class FileData(Data):
         return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def make_data(cfg: ml_collections.ConfigDict, family: Family) -> Data:
+def make_data(cfg: ml_collections.ConfigDict, family: Family | None, use_cache: bool = True) -> Data:
+    """The training data of `cfg`: from config.data.cache when set (and `use_cache`)."""
+    if cfg.data.cache and use_cache:
+        from jaxcond.data.cache import CachedData
+
+        return CachedData(cfg, family, cfg.data.cache)
     if cfg.data.source == "demo":
         return DemoData(cfg, family)
     if not os.path.exists(cfg.data.path):

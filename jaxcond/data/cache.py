@@ -1,0 +1,222 @@
+"""`jaxcond cache`: decoded images and frozen text-encoder outputs, computed once.
+
+Conditional dropout is *not* baked in: the cache holds every caption's real encoding,
+and the train step drops and substitutes nulls exactly as it does without a cache
+(tests/test_cache.py checks the two agree bit for bit on the masks and the nulls).
+
+Layout of a cache folder:
+  manifest.json               what it was built from (model and data fingerprints, config
+                              fields, records with their bucket and file size/mtime),
+                              the arrays' shapes/dtypes and the finished chunks
+  <field>-c<chunk>-b<bucket>.npy
+                              field `images` (uint8) or `cond.<conditioner>`, for the
+                              records of one chunk (id range) in one bucket, in id order
+
+Chunks are written to a temporary name and renamed, and the manifest lists only finished
+ones, so an interrupted `jaxcond cache` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxcond.config import ConfigError
+from jaxcond.data import pipeline
+from jaxcond.models.family import Family
+
+CHUNK = 1024  # records per chunk
+VERSION = 1
+# Data fields whose change makes a cache describe other examples.
+_DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "missing_caption",
+                "empty_caption", "too_small", "num_records", "heldout_fraction", "seed")
+
+
+def check_cacheable(cfg: ml_collections.ConfigDict) -> None:
+    """A cache stores one crop and one caption per image: refuse settings that vary them."""
+    d = cfg.data
+    if d.source == "demo":
+        return
+    varying = [f for f, on in (("data.crop = 'random'", d.crop == "random"), ("data.flip", d.flip),
+                               ("data.caption_shuffle", d.caption_shuffle),
+                               ("data.tag_dropout", d.tag_dropout > 0)) if on]
+    if varying:
+        raise ConfigError(f"config.data.cache: {', '.join(varying)} change the image or caption every "
+                          "epoch, which a cache cannot hold; turn them off or train without the cache")
+
+
+def fingerprint_params(tree: object) -> str:
+    """sha256 over the leaves' paths, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _source_of(cfg: ml_collections.ConfigDict) -> dict:
+    return {f: cfg.data.to_dict().get(f) for f in _DATA_FIELDS}
+
+
+def _json_default(x: object) -> object:
+    return list(x) if isinstance(x, tuple) else str(x)
+
+
+def _records_of(data: pipeline.Data) -> list[list]:
+    """Per record: [bucket, path, caption, size, mtime] for files (so changed files are
+    noticed), [bucket] for the demo (its records are a function of the config)."""
+    if isinstance(data, pipeline.FileData):
+        out = []
+        for r, b in zip(data.records, data.buckets):
+            st = os.stat(r.path)
+            out.append([b, r.path, r.caption, st.st_size, st.st_mtime_ns])
+        return out
+    return [[b] for b in data.buckets]
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, default=_json_default)
+    os.replace(tmp, path)
+
+
+def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch: int = 64) -> dict:
+    """Writes (or completes) the cache of `cfg`'s data under `directory`; returns the manifest."""
+    check_cacheable(cfg)
+    data = pipeline.make_data(cfg, family, use_cache=False)
+    want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(cfg),
+            "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK}
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "manifest.json")
+    manifest = {**want, "fields": {}, "done": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if any(json.loads(json.dumps(want[k], default=_json_default)) != old.get(k) for k in want):
+            raise ConfigError(f"{directory} holds a cache of another model or dataset; give "
+                              "config.data.cache a new folder (or delete this one)")
+        manifest = old
+    encode = jax.jit(family.encode)
+    buckets = np.asarray(data.buckets)
+    chunks = range((data.num_records + CHUNK - 1) // CHUNK)
+    for c in tqdm.tqdm(chunks, desc="caching", unit="chunk", disable=len(chunks) < 2):
+        if c in manifest["done"]:
+            continue
+        ids = np.arange(c * CHUNK, min((c + 1) * CHUNK, data.num_records))
+        for b in np.unique(buckets[ids]):
+            part = ids[buckets[ids] == b]
+            fields: dict[str, list[np.ndarray]] = {}
+            for i in range(0, len(part), batch):
+                sub = part[i:i + batch]
+                loaded = data.batch(sub, 0)
+                tokens = np.zeros((batch,) + loaded["tokens"].shape[1:], loaded["tokens"].dtype)
+                tokens[:len(sub)] = loaded["tokens"]  # a fixed shape: one compile
+                cond = jax.device_get(encode(family.frozen, jnp.asarray(tokens)))
+                fields.setdefault("images", []).append(loaded["images"])
+                for k, v in cond.items():
+                    fields.setdefault(f"cond.{k}", []).append(np.asarray(v)[:len(sub)])
+            for name, parts in fields.items():
+                arr = np.concatenate(parts)
+                manifest["fields"][name] = {"dtype": str(arr.dtype), "shape": list(arr.shape[1:])}
+                final = os.path.join(directory, f"{name}-c{c:05d}-b{b}.npy")
+                with open(final + ".tmp", "wb") as f:
+                    np.save(f, arr)
+                os.replace(final + ".tmp", final)
+        manifest["done"].append(c)
+        _write_json(path, manifest)
+    return manifest
+
+
+class CachedData(pipeline.Data):
+    """The data of `cfg` read from its cache: same records, same order, same batches'
+    images; encodings instead of tokens."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, family: Family, directory: str):
+        super().__init__(cfg.seed, cfg.train.global_batch)
+        check_cacheable(cfg)
+        path = os.path.join(directory, "manifest.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"config.data.cache = {directory!r}: no cache there; build it with "
+                              "`jaxcond cache --config ...` first")
+        with open(path) as f:
+            m = json.load(f)
+        problems = []
+        if m.get("version") != VERSION:
+            problems.append(f"format version {m.get('version')} (this jaxcond reads {VERSION})")
+        if family is not None and m["model"] != fingerprint_params(family.frozen):
+            problems.append("it was built with other text-encoder weights")
+        source = json.loads(json.dumps(_source_of(cfg), default=_json_default))
+        changed = [k for k in source if source[k] != m["source"].get(k)]
+        if changed:
+            problems.append("config.data fields differ: " + ", ".join(
+                f"{k} (cache {m['source'].get(k)!r}, now {source[k]!r})" for k in changed))
+        n_chunks = (len(m["records"]) + m["chunk"] - 1) // m["chunk"]
+        if sorted(m["done"]) != list(range(n_chunks)):
+            problems.append(f"it is incomplete ({len(m['done'])} of {n_chunks} chunks); rerun jaxcond cache")
+        if problems:
+            raise ConfigError(f"cannot train from the cache in {directory}: " + "; ".join(problems))
+        stale = [r[1] for r in m["records"][:] if len(r) > 1 and not _unchanged(r)]
+        if stale:
+            raise ConfigError(f"{len(stale)} cached images changed on disk since the cache was built "
+                              f"(e.g. {stale[0]}); rebuild it with `jaxcond cache`")
+        self.num_records = len(m["records"])
+        self.buckets = tuple(r[0] for r in m["records"])
+        self.bucket_shapes = tuple(tuple(s) for s in m["bucket_shapes"])
+        # Validation prompts and scoring come from the source: the demo's held-out
+        # combinations, or config.data.eval_prompts / the first captions.
+        self._demo = pipeline.DemoData(cfg, family) if cfg.data.source == "demo" else None
+        self._captions = list(cfg.data.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2]
+        self.chunk = m["chunk"]
+        self.arrays = {}
+        for name in m["fields"]:
+            for c in range(n_chunks):
+                for b in set(self.buckets[c * self.chunk:(c + 1) * self.chunk]):
+                    self.arrays[name, c, b] = np.load(os.path.join(directory, f"{name}-c{c:05d}-b{b}.npy"),
+                                                      mmap_mode="r")
+        # Row of each record inside its (chunk, bucket) file.
+        bucket_of = np.asarray(self.buckets)
+        self.row = np.zeros(self.num_records, np.int64)
+        for c in range(n_chunks):
+            ids = np.arange(c * self.chunk, min((c + 1) * self.chunk, self.num_records))
+            for b in np.unique(bucket_of[ids]):
+                part = ids[bucket_of[ids] == b]
+                self.row[part] = np.arange(len(part))
+        self.fields = list(m["fields"])
+
+    def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name in self.fields:
+            key = "images" if name == "images" else "cond/" + name[len("cond."):]
+            out[key] = np.stack([self.arrays[name, int(i) // self.chunk, self.buckets[int(i)]][self.row[i]]
+                                 for i in ids])
+        return out
+
+    def eval_captions(self, n: int) -> list[str]:
+        if self._demo is not None:
+            return self._demo.eval_captions(n)
+        return [self._captions[i % len(self._captions)] for i in range(n)]
+
+    def score(self, images: np.ndarray, captions: Sequence[str]) -> dict[str, float] | None:
+        return self._demo.score(images, captions) if self._demo is not None else None
+
+    def chance(self, captions: Sequence[str]) -> dict[str, float] | None:
+        return self._demo.chance(captions) if self._demo is not None else None
+
+
+def _unchanged(record: list) -> bool:
+    _, path, _, size, mtime = record
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (size, mtime)

@@ -1,0 +1,152 @@
+"""The cache (`jaxcond cache`): same records, same batches, same masks and nulls as without
+it, and refusals when it no longer describes the data or the model."""
+
+import copy
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import file_config
+from jaxcond import config as config_lib, dropout, train as train_lib, train_step as ts
+from jaxcond.data import cache, pipeline
+
+
+def _cached_config(config, folder, directory):
+    cfg = file_config(config, folder)
+    cfg.data.crop, cfg.data.flip = "center", False  # what a cache can hold
+    cfg.data.cache = str(directory)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(config, family, image_folder, tmp_path_factory):
+    cfg = _cached_config(config, image_folder, tmp_path_factory.mktemp("cache"))
+    cache.build(cfg, family, cfg.data.cache)
+    return cfg
+
+
+def test_cache_gives_the_same_batches_as_the_files(built, family):
+    files_data = pipeline.make_data(built, family, use_cache=False)
+    cached = pipeline.make_data(built, family)
+    assert isinstance(cached, cache.CachedData)
+    assert cached.buckets == files_data.buckets and cached.steps_per_epoch == files_data.steps_per_epoch
+    for step in (0, 3, cached.steps_per_epoch + 1):
+        ids = cached.ids(step)
+        np.testing.assert_array_equal(ids, files_data.ids(step))
+        want, got = files_data.batch(ids, step), cached.batch(ids, step)
+        np.testing.assert_array_equal(got["images"], want["images"])
+        enc = family.encode(family.frozen, jnp.asarray(want["tokens"]))
+        for k, v in enc.items():
+            np.testing.assert_allclose(got[f"cond/{k}"], v, atol=1e-6)
+
+
+def test_dropout_masks_and_nulls_identical_with_and_without_cache(built, family):
+    """The step drops and substitutes nulls on cached encodings exactly as on tokens."""
+    cfg = copy.deepcopy(built)
+    cfg.dropout.groups.caption.rate = 0.5
+    groups = config_lib.dropout_groups(cfg, family.conditioners)
+    files_data = pipeline.make_data(cfg, family, use_cache=False)
+    spec = ts.StepSpec.from_config(cfg, groups, files_data.steps_per_epoch)
+    tx, lr = ts.make_optimizer(cfg)
+    seen = {}
+    for name, data in (("files", files_data), ("cache", pipeline.make_data(cfg, family))):
+        state = ts.init_state(family, spec, tx)
+        state["params"]["nulls"]["text"] += 1.0  # a null unlike any real encoding
+        state["step"] = jnp.int32(2)
+        batch = jax.tree.map(jnp.asarray, data.batch(data.ids(2), 2))
+        x0 = family.images_to_x0(family.frozen, batch["images"])
+        r = ts.step_randomness(spec, state["step"], x0.shape)
+        cond = (family.encode(family.frozen, batch["tokens"]) if "tokens" in batch
+                else {k[5:]: v for k, v in batch.items() if k.startswith("cond/")})
+        empty = family.encode(family.frozen, jnp.asarray(ts.empty_tokens(family)))
+        nulls = dropout.null_values(dict(spec.nulls), empty, state["params"]["nulls"])
+        seen[name] = (np.asarray(r["masks"]["caption"]),
+                      jax.device_get(dropout.apply(cond, nulls, r["masks"], spec.groups)))
+        _, m = jax.jit(lambda s, b: ts.train_step(family, spec, tx, lr, s, family.frozen, b))(state, batch)
+        seen[name] += (float(m["loss"]), float(m["drop_frac/caption"]))
+    (mask_f, cond_f, loss_f, frac_f), (mask_c, cond_c, loss_c, frac_c) = seen["files"], seen["cache"]
+    np.testing.assert_array_equal(mask_f, mask_c)
+    assert 0 < mask_f.sum() < len(mask_f) and frac_f == frac_c
+    for k in cond_f:
+        np.testing.assert_array_equal(cond_f[k][mask_f], cond_c[k][mask_c])  # the nulls, exactly
+        np.testing.assert_allclose(cond_f[k][~mask_f], cond_c[k][~mask_c], atol=1e-6)
+    np.testing.assert_allclose(loss_f, loss_c, rtol=1e-5)
+
+
+def test_training_from_the_cache_matches_training_from_files(built, tmp_path):
+    plain = copy.deepcopy(built)
+    plain.data.cache = ""
+    ref = train_lib.train(plain, str(tmp_path / "files"), progress=False, stop_at=4)
+    out = train_lib.train(built, str(tmp_path / "cache"), progress=False, stop_at=4)
+    for a, b in zip(ref["history"], out["history"]):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    masks = [open(tmp_path / d / "masks.jsonl").read() for d in ("files", "cache")]
+    assert masks[0] == masks[1]
+    # Switching a run to its cache is not a config change that breaks the run.
+    assert train_lib.train(built, str(tmp_path / "files"), progress=False, stop_at=5)["history"]
+
+
+def test_cache_refuses_what_it_cannot_hold_or_no_longer_describes(built, family, image_folder, tmp_path):
+    random_crop = copy.deepcopy(built)
+    random_crop.data.crop = "random"
+    with pytest.raises(config_lib.ConfigError, match="random"):
+        cache.build(random_crop, family, str(tmp_path / "c1"))
+    other_size = copy.deepcopy(built)
+    other_size.data.buckets = ((24, 24),)
+    with pytest.raises(config_lib.ConfigError, match="buckets"):
+        pipeline.make_data(other_size, family)
+    with pytest.raises(config_lib.ConfigError, match="another model or dataset"):
+        cache.build(other_size, family, built.data.cache)
+    missing = copy.deepcopy(built)
+    missing.data.cache = str(tmp_path / "none")
+    with pytest.raises(config_lib.ConfigError, match="jaxcond cache"):
+        pipeline.make_data(missing, family)
+
+
+def test_interrupted_cache_resumes_and_changed_files_are_noticed(config, family, image_folder, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(cache, "CHUNK", 32)
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    cfg = _cached_config(config, folder, tmp_path / "cache")
+    cache.build(cfg, family, cfg.data.cache)
+    manifest_path = os.path.join(cfg.data.cache, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    assert manifest["done"] == [0, 1, 2, 3]
+    manifest["done"] = [0, 1]  # as if killed during chunk 2
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(config_lib.ConfigError, match="incomplete"):
+        pipeline.make_data(cfg, family)
+    assert cache.build(cfg, family, cfg.data.cache)["done"] == [0, 1, 2, 3]
+    pipeline.make_data(cfg, family)
+    (folder / "005.png").write_bytes((folder / "006.png").read_bytes())
+    with pytest.raises(config_lib.ConfigError, match="changed on disk"):
+        pipeline.make_data(cfg, family)
+
+
+def test_demo_cache_keeps_the_adherence_scores(config, family, tmp_path):
+    cfg = copy.deepcopy(config)
+    cfg.data.cache = str(tmp_path / "cache")
+    cfg.train.steps = 2
+    cache.build(cfg, family, cfg.data.cache)
+    out = train_lib.train(cfg, str(tmp_path / "run"), progress=False)
+    assert set(out["scores"]) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
+
+
+def test_cli_cache_builds_and_explains_bad_settings(built, model_dir, image_folder, tmp_path):
+    from test_config import _cli
+
+    common = ["--config", "configs/demo.py", f"--config.model.source={model_dir}",
+              "--config.data.source=folder", f"--config.data.path={image_folder}"]
+    r = _cli("cache", *common, f"--config.data.cache={tmp_path / 'c'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cache of 104 records" in r.stdout and (tmp_path / "c" / "manifest.json").exists()
+    r = _cli("cache", *common, f"--config.data.cache={tmp_path / 'd'}", "--config.data.flip=True")
+    assert r.returncode != 0 and "config.data.cache: data.flip" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("cache", *common)
+    assert r.returncode != 0 and "--config.data.cache=DIR" in r.stderr
