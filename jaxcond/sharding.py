@@ -114,7 +114,7 @@ def summary(mesh: Mesh, state: Any, frozen: Any, global_batch: int, grad_accum: 
     """One screen: mesh, per-device bytes of each part of the state, batch split."""
     mib = 2.0 ** 20
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices, {jax.process_count()} process(es), "
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} device(s), {jax.process_count()} process(es), "
              f"platform {mesh.devices.flat[0].platform}"]
     parts = {"params": state["params"], "optimizer state": state["opt_state"],
              "ema": state.get("ema", {}), "frozen (no optimizer state)": frozen}

@@ -65,7 +65,7 @@ def test_summary_reports_mesh_bytes_and_batch(config, tmp_path):
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
     run = train_lib.build(cfg, str(tmp_path))
     text = sharding.summary(run.mesh, run.initial_state(), run.frozen, 16, 1)
-    assert "mesh {'data': 2, 'fsdp': 4} over 8 devices" in text
+    assert "mesh {'data': 2, 'fsdp': 4} over 8 device(s)" in text
     assert "optimizer state" in text and "MiB per device" in text
     assert "batch: global 16, per device 2, per process 16" in text
 

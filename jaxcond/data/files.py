@@ -56,9 +56,9 @@ class Report:
             self.examples[what].append(path)
 
     def table(self) -> str:
-        rows = [f"{'treatment':<44} {'files':>7}  examples"]
+        rows = [f"{'treatment':<66} {'files':>7}  examples"]
         for what, n in sorted(self.counts.items()):
-            rows.append(f"{what:<44} {n:>7}  {', '.join(os.path.basename(p) for p in self.examples[what])}")
+            rows.append(f"{what:<66} {n:>7}  {', '.join(os.path.basename(p) for p in self.examples[what])}")
         return "\n".join(rows)
 
 
