@@ -38,15 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     # demo: the procedural shapes (jaxcond.data.demo) | folder: images with same-named .txt
-    # captions | metadata: a metadata.jsonl/.csv with file_name and text columns.
+    # captions | metadata: a metadata.jsonl/.csv with file_name and text columns | shards:
+    # ArrayRecord shards written by `jaxcond shards` (jaxcond.data.shards).
     c.data.source = "demo"
     c.data.resolution = 16  # Image side in pixels (demo: 16 or 32); square if no buckets.
     # demo only:
     c.data.num_records = 20000  # Images in the training set; an epoch is num_records // global_batch steps.
     c.data.heldout_fraction = 0.1  # Share of (shape, colour, background) combinations never trained on.
     c.data.seed = 0  # Seed of the dataset's content (not of its order, which follows c.seed).
-    # folder / metadata only:
-    c.data.path = ""  # The folder, or the metadata file.
+    # folder / metadata / shards only:
+    c.data.path = ""  # The folder, the metadata file, or the shards folder.
     c.data.buckets = ()  # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square.
     c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
     c.data.flip = False  # Random horizontal flips (same determinism as the crop).

@@ -9,13 +9,14 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "masks", "cache")
+COMMANDS = ("train", "masks", "cache", "shards")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
   train   train (or resume) in --workdir
   masks   print the dropout masks of --steps A:B as JSON lines, without training
   cache   precompute decoded images and text-encoder outputs into config.data.cache
+  shards  write a folder/metadata source as ArrayRecord shards into --shards_out
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
@@ -29,6 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Resume even if the seed, dropout spec, data or batch changed.")
 _STEPS = flags.DEFINE_string("steps", "0:1", "masks: half-open step range A:B.")
+_SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "shards: number of shard files.", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Join JAX's multi-process runtime: auto = when the environment (SLURM, Open MPI, TPU "
@@ -78,6 +81,16 @@ def _cache() -> None:
     print(f"cache of {len(m['records'])} records in {cfg.data.cache}: {', '.join(m['fields'])}")
 
 
+def _shards() -> None:
+    from jaxcond.data import shards
+
+    if not _SHARDS_OUT.value:
+        raise app.UsageError("shards needs --shards_out DIR (where the shards go)")
+    index = shards.write(_CONFIG.value, _SHARDS_OUT.value, _NUM_SHARDS.value)
+    print(f"{len(index['sizes'])} records in {len(index['shards'])} shards in {_SHARDS_OUT.value}; "
+          f"train with --config.data.source=shards --config.data.path={_SHARDS_OUT.value}")
+
+
 def _main(argv: list[str], command: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -95,7 +108,7 @@ def _main(argv: list[str], command: str) -> None:
     from jaxcond.data.files import DataError
 
     try:
-        {"train": _train, "masks": _masks, "cache": _cache}[command]()
+        {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards}[command]()
     except (ConfigError, DataError, FileNotFoundError, NotImplementedError) as e:
         # Bad configs and model folders are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")

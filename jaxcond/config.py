@@ -148,15 +148,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
     d = cfg.data
-    _one_of("data.source", d.source, ("demo", "folder", "metadata"))
+    _one_of("data.source", d.source, ("demo", "folder", "metadata", "shards"))
     _int_at_least("data.resolution", d.resolution, 8)
     if d.source == "demo":
         _int_at_least("data.num_records", d.num_records, 1)
         _check(d.num_records >= t.global_batch, "data.num_records", d.num_records,
                f"must be at least one global batch ({t.global_batch})")
     else:
-        _check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the "
-               + ("folder of images and .txt captions" if d.source == "folder" else "metadata.jsonl/.csv file"))
+        what = {"folder": "folder of images and .txt captions", "metadata": "metadata.jsonl/.csv file",
+                "shards": "folder written by jaxcond shards"}[d.source]
+        _check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the {what}")
         for b in d.buckets:
             _check(len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b), "data.buckets",
                    d.buckets, "each bucket is (height, width) in pixels, both integers >= 8")

@@ -74,6 +74,10 @@ def _json_default(x: object) -> object:
 def _records_of(data: pipeline.Data) -> list[list]:
     """Per record: [bucket, path, caption, size, mtime] for files (so changed files are
     noticed), [bucket] for the demo (its records are a function of the config)."""
+    from jaxcond.data.shards import ShardData
+
+    if isinstance(data, ShardData):  # shards are immutable: their index names them
+        return [[b, data.index_digest] for b in data.buckets]
     if isinstance(data, pipeline.FileData):
         out = []
         for r, b in zip(data.records, data.buckets):
@@ -165,7 +169,12 @@ class CachedData(pipeline.Data):
             problems.append(f"it is incomplete ({len(m['done'])} of {n_chunks} chunks); rerun jaxcond cache")
         if problems:
             raise ConfigError(f"cannot train from the cache in {directory}: " + "; ".join(problems))
-        stale = [r[1] for r in m["records"][:] if len(r) > 1 and not _unchanged(r)]
+        stale = [r[1] for r in m["records"] if len(r) > 2 and not _unchanged(r)]
+        if cfg.data.source == "shards" and m["records"]:
+            from jaxcond.data.shards import index_digest
+
+            if index_digest(cfg.data.path) != m["records"][0][1]:
+                stale = ["the shards' index.json"]
         if stale:
             raise ConfigError(f"{len(stale)} cached images changed on disk since the cache was built "
                               f"(e.g. {stale[0]}); rebuild it with `jaxcond cache`")
@@ -175,7 +184,7 @@ class CachedData(pipeline.Data):
         # Validation prompts and scoring come from the source: the demo's held-out
         # combinations, or config.data.eval_prompts / the first captions.
         self._demo = pipeline.DemoData(cfg, family) if cfg.data.source == "demo" else None
-        self._captions = list(cfg.data.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2]
+        self._captions = list(cfg.data.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2] or [""]
         self.chunk = m["chunk"]
         self.arrays = {}
         for name in m["fields"]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import dataclasses
 import json
 import os
@@ -175,18 +176,19 @@ class Decoded:
 
 def decode(path: str, size: int | tuple[int, int], report: Report, *, crop: str = "center",
            flip: bool = False, rng: np.random.Generator | None = None, too_small: str = "upscale",
-           max_pixels: int = 64_000_000) -> Decoded | None:
-    """The image at `path` as RGB uint8 [height, width, 3] (`size` = side or (height, width)),
-    resized to cover that shape and cropped; or None (counted in `report`). `flip` mirrors
-    it horizontally (the caller draws it, like the random crop, from its own rng)."""
+           max_pixels: int = 64_000_000, data: bytes | None = None) -> Decoded | None:
+    """The image at `path` (or its encoded bytes `data`, `path` then only names it) as RGB
+    uint8 [height, width, 3] (`size` = side or (height, width)), resized to cover that
+    shape and cropped; or None (counted in `report`). `flip` mirrors it horizontally (the
+    caller draws it, like the random crop, from its own rng)."""
     th, tw = (size, size) if isinstance(size, int) else size
-    if os.path.getsize(path) == 0:
+    if (len(data) if data is not None else os.path.getsize(path)) == 0:
         report.add("skipped: zero-byte file", path)
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data) if data is not None else path)
             w, h = img.size
             if w * h > max_pixels:
                 report.add(f"skipped: over {max_pixels} pixels", path)

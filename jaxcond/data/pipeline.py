@@ -95,55 +95,57 @@ class DemoData(Data):
         return demo_data.chance_adherence([demo_data.parse_caption(c) for c in captions])
 
 
+def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
+    """The bucket whose aspect ratio is nearest (in log ratio) the image's."""
+    return int(np.argmin(np.abs(np.log([h / w for h, w in shapes]) - np.log(height / width))))
+
+
 class FileData(Data):
     """Images and captions from files, checked once at start (see jaxcond.data.files)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, family: Family):
+    def __init__(self, cfg: ml_collections.ConfigDict, family: Family | None):
         super().__init__(cfg.seed, cfg.train.global_batch)
         d = self.cfg_data = cfg.data
         self.family, self.report = family, files.Report()
-        policy = dict(missing_caption=d.missing_caption, empty_caption=d.empty_caption)
-        if d.source == "folder":
-            records = files.scan_folder(d.path, self.report, **policy)
-        else:
-            records = files.scan_metadata(d.path, self.report, **policy)
-        shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
-        self.bucket_shapes = shapes
-        self.records, buckets = self._check(records, shapes, cfg.loader.workers)
+        self.bucket_shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
+        self.records, self.sizes = self._load(cfg)
         if len(self.records) < self.global_batch:
             raise files.DataError(f"{d.path}: {len(self.records)} usable images, fewer than one "
                                   f"global batch ({self.global_batch}); see the table above")
-        self.buckets = tuple(buckets)
+        self.buckets = tuple(nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
         self.num_records = len(self.records)
-        counts = np.bincount(buckets, minlength=len(shapes))
+        counts = np.bincount(self.buckets, minlength=len(self.bucket_shapes))
         log.info("data: %d images from %s\n%s\n  buckets (h x w: images, full batches/epoch): %s",
                  self.num_records, d.path, self.report.table(),
-                 ", ".join(f"{h}x{w}: {c}, {c // self.global_batch}" for (h, w), c in zip(shapes, counts)))
+                 ", ".join(f"{h}x{w}: {c}, {c // self.global_batch}"
+                           for (h, w), c in zip(self.bucket_shapes, counts)))
         if self.steps_per_epoch == 0:
             raise files.DataError(f"no bucket holds a full global batch of {self.global_batch} "
                                   f"(bucket counts {counts.tolist()}); use fewer buckets or a smaller batch")
 
-    def _check(self, records: list[files.Record], shapes: tuple[tuple[int, int], ...],
-               workers: int) -> tuple[list[files.Record], list[int]]:
-        """Decodes every image once (so no bad file surfaces mid-epoch) and picks its bucket:
-        the shape whose aspect ratio is nearest the image's."""
-        ratios = np.log([h / w for h, w in shapes])
+    def _load(self, cfg: ml_collections.ConfigDict) -> tuple[list[files.Record], list[tuple[int, int]]]:
+        """Scans the source and decodes every image once (so no bad file surfaces mid-epoch);
+        returns the usable records, renumbered, and their (height, width)."""
+        d = cfg.data
+        policy = dict(missing_caption=d.missing_caption, empty_caption=d.empty_caption)
+        scan = files.scan_folder if d.source == "folder" else files.scan_metadata
+        records = scan(d.path, self.report, **policy)
 
-        def check(r: files.Record) -> tuple[files.Record, int] | None:
-            dec = files.decode(r.path, shapes[0], self.report, too_small=self.cfg_data.too_small)
-            if dec is None:
-                return None
-            h, w = dec.original_size
-            return r, int(np.argmin(np.abs(ratios - np.log(h / w))))
+        def check(r: files.Record) -> files.Decoded | None:
+            return files.decode(r.path, self.bucket_shapes[0], self.report, too_small=d.too_small)
 
-        kept, buckets = [], []
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for out in tqdm.tqdm(pool.map(check, records), total=len(records), desc="checking images",
-                                 unit="img", disable=len(records) < 1000):
-                if out is not None:
-                    kept.append(files.Record(len(kept), out[0].path, out[0].caption))
-                    buckets.append(out[1])
-        return kept, buckets
+        kept, sizes = [], []
+        with ThreadPoolExecutor(max(1, cfg.loader.workers)) as pool:
+            for r, dec in tqdm.tqdm(zip(records, pool.map(check, records)), total=len(records),
+                                    desc="checking images", unit="img", disable=len(records) < 1000):
+                if dec is not None:
+                    kept.append(files.Record(len(kept), r.path, r.caption))
+                    sizes.append(dec.original_size)
+        return kept, sizes
+
+    def _read(self, i: int) -> tuple[files.Record, bytes | None]:
+        """Record `i` and its encoded image (None: read it from record.path)."""
+        return self.records[i], None
 
     def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
         d = self.cfg_data
@@ -151,10 +153,10 @@ class FileData(Data):
         shape = self.bucket_shapes[self.buckets[int(ids[0])]]
         images, caps = [], []
         for i in ids:
-            r = self.records[int(i)]
+            r, data = self._read(int(i))
             # Crop and flip from (seed, epoch, record): the same on any host, after any resume.
             rng = np.random.default_rng([self.seed, epoch, int(i), 1])
-            dec = files.decode(r.path, shape, files.Report(), crop=d.crop,
+            dec = files.decode(r.path, shape, files.Report(), crop=d.crop, data=data,
                                flip=bool(d.flip and rng.random() < 0.5), rng=rng, too_small="upscale")
             if dec is None:  # the file changed since the start-up check
                 raise files.DataError(f"{r.path} could not be read any more; it was readable at start")
@@ -179,6 +181,10 @@ def make_data(cfg: ml_collections.ConfigDict, family: Family | None, use_cache: 
         return DemoData(cfg, family)
     if not os.path.exists(cfg.data.path):
         raise files.DataError(f"config.data.path = {cfg.data.path!r} does not exist")
+    if cfg.data.source == "shards":
+        from jaxcond.data.shards import ShardData
+
+        return ShardData(cfg, family)
     return FileData(cfg, family)
 
 

@@ -1,0 +1,91 @@
+"""Sharded storage for large image sets: ArrayRecord files with an index.
+
+`jaxcond shards --config ... --shards_out DIR` checks a folder/metadata source once (the
+usual report) and writes its usable images, as their original encoded bytes, with their
+captions into DIR/shard-00000-of-00008.array_record ..., plus DIR/index.json with every
+record's size, so training (`data.source=shards`, `data.path=DIR`) assigns buckets
+without reading the images and reads any record by id (random access: the global order
+and per-host loading work as for files).
+
+A record is `<caption JSON>\\n<image bytes>`: {"caption": ..., "name": original path}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxcond.data import files, pipeline
+
+INDEX = "index.json"
+
+
+def write(cfg: ml_collections.ConfigDict, out: str, num_shards: int) -> dict:
+    """Writes the shards and index of `cfg`'s file source; returns the index."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if cfg.data.source not in ("folder", "metadata"):
+        raise files.DataError(f"shards are written from a folder or metadata source, not {cfg.data.source!r}")
+    data = pipeline.FileData(cfg, None)
+    os.makedirs(out, exist_ok=True)
+    names = [f"shard-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
+    bounds = np.linspace(0, data.num_records, num_shards + 1).astype(int)
+    for k, name in enumerate(tqdm.tqdm(names, desc="writing shards", unit="shard")):
+        writer = ArrayRecordWriter(os.path.join(out, name + ".tmp"), "group_size:1")
+        for r in data.records[bounds[k]:bounds[k + 1]]:
+            with open(r.path, "rb") as f:
+                image = f.read()
+            writer.write(json.dumps({"caption": r.caption, "name": r.path}).encode() + b"\n" + image)
+        writer.close()
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    index = {"shards": names, "sizes": [list(s) for s in data.sizes], "source": cfg.data.path,
+             "report": dict(data.report.counts)}
+    with open(os.path.join(out, INDEX), "w") as f:
+        json.dump(index, f)
+    return index
+
+
+def index_digest(directory: str) -> str:
+    """sha256 of a shards folder's index (the shards are written once, never edited)."""
+    with open(os.path.join(directory, INDEX), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class ShardData(pipeline.FileData):
+    """FileData read from shards: same buckets, crops, flips and captions per record id."""
+
+    def _load(self, cfg: ml_collections.ConfigDict) -> tuple[list[files.Record], list[tuple[int, int]]]:
+        import grain
+
+        path = os.path.join(cfg.data.path, INDEX)
+        if not os.path.exists(path):
+            raise files.DataError(f"config.data.path = {cfg.data.path!r} has no {INDEX}; write shards "
+                                  "with `jaxcond shards --config ... --shards_out DIR` first")
+        with open(path, "rb") as f:
+            index = json.load(f)
+        self.index_digest = index_digest(cfg.data.path)
+        self.source = grain.sources.ArrayRecordDataSource(
+            [os.path.join(cfg.data.path, s) for s in index["shards"]])
+        if len(self.source) != len(index["sizes"]):
+            raise files.DataError(f"{cfg.data.path}: the shards hold {len(self.source)} records but "
+                                  f"{INDEX} lists {len(index['sizes'])}; rewrite them")
+        for what, n in index["report"].items():  # the checks ran when the shards were written
+            self.report.counts[what] = n
+            self.report.examples.setdefault(what, [])
+        records = [files.Record(i, f"{cfg.data.path}#{i}", "") for i in range(len(self.source))]
+        return records, [tuple(s) for s in index["sizes"]]
+
+    def _read(self, i: int) -> tuple[files.Record, bytes]:
+        header, image = self.source[i].split(b"\n", 1)
+        meta = json.loads(header)
+        return files.Record(i, meta["name"], meta["caption"]), image
+
+    def eval_captions(self, n: int) -> list[str]:
+        prompts = list(self.cfg_data.eval_prompts) or [
+            self._read(i)[0].caption for i in range(min(n, self.num_records))]
+        return [prompts[i % len(prompts)] for i in range(n)]
