@@ -39,15 +39,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     # demo: the procedural shapes (jaxcond.data.demo) | folder: images with same-named .txt
     # captions | metadata: a metadata.jsonl/.csv with file_name and text columns | shards:
-    # ArrayRecord shards written by `jaxcond shards` (jaxcond.data.shards).
+    # ArrayRecord shards written by `jaxcond shards` (jaxcond.data.shards) | hf: a Hugging
+    # Face datasets folder (save_to_disk) or hub id (needs the hf extra).
     c.data.source = "demo"
     c.data.resolution = 16  # Image side in pixels (demo: 16 or 32); square if no buckets.
     # demo only:
     c.data.num_records = 20000  # Images in the training set; an epoch is num_records // global_batch steps.
     c.data.heldout_fraction = 0.1  # Share of (shape, colour, background) combinations never trained on.
     c.data.seed = 0  # Seed of the dataset's content (not of its order, which follows c.seed).
-    # folder / metadata / shards only:
-    c.data.path = ""  # The folder, the metadata file, or the shards folder.
+    # folder / metadata / shards / hf only:
+    c.data.path = ""  # The folder, the metadata file, the shards folder, or the dataset.
+    c.data.hf_split = "train"  # hf: the split.
+    c.data.image_column = "image"  # hf: column of the images.
+    c.data.caption_column = "text"  # hf: column of the captions.
     c.data.buckets = ()  # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square.
     c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
     c.data.flip = False  # Random horizontal flips (same determinism as the crop).

@@ -148,7 +148,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
     d = cfg.data
-    _one_of("data.source", d.source, ("demo", "folder", "metadata", "shards"))
+    _one_of("data.source", d.source, ("demo", "folder", "metadata", "shards", "hf"))
     _int_at_least("data.resolution", d.resolution, 8)
     if d.source == "demo":
         _int_at_least("data.num_records", d.num_records, 1)
@@ -156,7 +156,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                f"must be at least one global batch ({t.global_batch})")
     else:
         what = {"folder": "folder of images and .txt captions", "metadata": "metadata.jsonl/.csv file",
-                "shards": "folder written by jaxcond shards"}[d.source]
+                "shards": "folder written by jaxcond shards",
+                "hf": "datasets folder (save_to_disk) or hub id"}[d.source]
         _check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the {what}")
         for b in d.buckets:
             _check(len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b), "data.buckets",

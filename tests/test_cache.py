@@ -150,3 +150,39 @@ def test_cli_cache_builds_and_explains_bad_settings(built, model_dir, image_fold
     assert r.returncode != 0 and "config.data.cache: data.flip" in r.stderr and "Traceback" not in r.stderr
     r = _cli("cache", *common)
     assert r.returncode != 0 and "--config.data.cache=DIR" in r.stderr
+
+
+@pytest.mark.parametrize("source", ["shards", "hf"])
+def test_cache_of_an_immutable_source_notices_a_rewrite(config, family, image_folder, tmp_path, source):
+    import datasets
+
+    from jaxcond.data import shards
+
+    cfg = _cached_config(config, image_folder, tmp_path / "cache")
+    cfg.data.cache = ""
+    records = pipeline.make_data(cfg, family).records
+
+    def write(n):  # the source with its first n records
+        if source == "shards":
+            sub = copy.deepcopy(cfg)
+            sub.data.source, sub.data.path = "folder", str(tmp_path / f"imgs{n}")
+            os.makedirs(sub.data.path, exist_ok=True)
+            for r in records[:n]:
+                shutil.copy(r.path, sub.data.path)
+                shutil.copy(r.path[:-4] + ".txt", sub.data.path)
+            shards.write(sub, str(tmp_path / "src"), num_shards=2)
+        else:
+            datasets.Dataset.from_dict(
+                {"image": [{"bytes": open(r.path, "rb").read(), "path": None} for r in records[:n]],
+                 "text": [r.caption for r in records[:n]]},
+                features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+            ).save_to_disk(str(tmp_path / "src"))
+
+    write(64)
+    cfg.data.source, cfg.data.path, cfg.data.cache = source, str(tmp_path / "src"), str(tmp_path / "cache")
+    cache.build(cfg, family, cfg.data.cache)
+    assert pipeline.make_data(cfg, family).num_records == 64
+    shutil.rmtree(tmp_path / "src")
+    write(48)
+    with pytest.raises(config_lib.ConfigError, match="changed on disk"):
+        pipeline.make_data(cfg, family)

@@ -119,3 +119,33 @@ def test_cli_shards_writes_and_names_the_training_flags(image_folder, tmp_path):
     assert "104 records in 2 shards" in r.stdout and "--config.data.source=shards" in r.stdout
     r = _cli("shards", "--config", "configs/demo.py", f"--shards_out={tmp_path / 't'}")
     assert r.returncode != 0 and "not 'demo'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_path):
+    import datasets
+
+    cfg = file_config(config, image_folder)
+    from_files = pipeline.make_data(cfg, family)
+    rows = {"image": [{"bytes": open(r.path, "rb").read(), "path": None} for r in from_files.records],
+            "text": [r.caption for r in from_files.records]}
+    rows["image"].insert(5, {"bytes": b"not an image", "path": None})  # both are skipped and counted
+    rows["text"].insert(5, "x")
+    rows["image"].insert(9, rows["image"][0])
+    rows["text"].insert(9, None)
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(), "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    hf = copy.deepcopy(cfg)
+    hf.data.source, hf.data.path = "hf", str(tmp_path / "ds")
+    data = pipeline.make_data(hf, family)
+    assert data.num_records == from_files.num_records and data.buckets == from_files.buckets
+    assert data.report.counts["skipped: no caption"] == 1
+    assert data.report.counts["skipped: not a readable image (corrupt, truncated or not an image)"] == 1
+    for step in (0, 5):
+        ids = data.ids(step)
+        a, b = from_files.batch(ids, step), data.batch(ids, step)
+        np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    hf.data.caption_column = "caption"
+    with pytest.raises(files.DataError, match="no column 'caption'"):
+        pipeline.make_data(hf, family)

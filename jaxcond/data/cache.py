@@ -74,10 +74,8 @@ def _json_default(x: object) -> object:
 def _records_of(data: pipeline.Data) -> list[list]:
     """Per record: [bucket, path, caption, size, mtime] for files (so changed files are
     noticed), [bucket] for the demo (its records are a function of the config)."""
-    from jaxcond.data.shards import ShardData
-
-    if isinstance(data, ShardData):  # shards are immutable: their index names them
-        return [[b, data.index_digest] for b in data.buckets]
+    if getattr(data, "source_digest", None):  # shards, a datasets table: one digest for all
+        return [[b, data.source_digest] for b in data.buckets]
     if isinstance(data, pipeline.FileData):
         out = []
         for r, b in zip(data.records, data.buckets):
@@ -170,11 +168,8 @@ class CachedData(pipeline.Data):
         if problems:
             raise ConfigError(f"cannot train from the cache in {directory}: " + "; ".join(problems))
         stale = [r[1] for r in m["records"] if len(r) > 2 and not _unchanged(r)]
-        if cfg.data.source == "shards" and m["records"]:
-            from jaxcond.data.shards import index_digest
-
-            if index_digest(cfg.data.path) != m["records"][0][1]:
-                stale = ["the shards' index.json"]
+        if cfg.data.source in ("shards", "hf") and m["records"] and _digest(cfg) != m["records"][0][1]:
+            stale = [f"the {cfg.data.source} source {cfg.data.path}"]
         if stale:
             raise ConfigError(f"{len(stale)} cached images changed on disk since the cache was built "
                               f"(e.g. {stale[0]}); rebuild it with `jaxcond cache`")
@@ -220,6 +215,16 @@ class CachedData(pipeline.Data):
 
     def chance(self, captions: Sequence[str]) -> dict[str, float] | None:
         return self._demo.chance(captions) if self._demo is not None else None
+
+
+def _digest(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.data.source == "shards":
+        from jaxcond.data.shards import index_digest
+
+        return index_digest(cfg.data.path)
+    from jaxcond.data.hf import open_dataset
+
+    return open_dataset(cfg)._fingerprint
 
 
 def _unchanged(record: list) -> bool:

@@ -81,7 +81,7 @@ def read_caption(path: str, report: Report) -> str:
         return raw.decode("cp1252", errors="replace").strip()
 
 
-def _caption_policy(caption: str | None, path: str, report: Report, missing: str,
+def caption_policy(caption: str | None, path: str, report: Report, missing: str,
                     empty: str) -> str | None:
     if caption is None:
         if missing == "skip":
@@ -116,7 +116,7 @@ def scan_folder(root: str, report: Report, *, missing_caption: str = "skip",
             path = os.path.join(dirpath, name)
             txt = os.path.join(dirpath, stem + ".txt")
             caption = read_caption(txt, report) if os.path.exists(txt) else None
-            caption = _caption_policy(caption, path, report, missing_caption, empty_caption)
+            caption = caption_policy(caption, path, report, missing_caption, empty_caption)
             if caption is not None:
                 records += [Record(len(records) + i, path, caption) for i in range(repeats)]
     return records
@@ -141,7 +141,7 @@ def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
                             "each row needs file_name and text")
         image = os.path.join(base, row["file_name"])
         text = row.get("text")
-        caption = _caption_policy(None if text is None else str(text).strip(), image, report,
+        caption = caption_policy(None if text is None else str(text).strip(), image, report,
                                   missing_caption, empty_caption)
         if caption is not None:
             records.append(Record(len(records), image, caption))

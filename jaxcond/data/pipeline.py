@@ -103,6 +103,10 @@ def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -
 class FileData(Data):
     """Images and captions from files, checked once at start (see jaxcond.data.files)."""
 
+    #: Identifies an immutable source (shards, a datasets snapshot) as a whole; None for
+    #: plain files, which are identified one by one (path, size, mtime).
+    source_digest: str | None = None
+
     def __init__(self, cfg: ml_collections.ConfigDict, family: Family | None):
         super().__init__(cfg.seed, cfg.train.global_batch)
         d = self.cfg_data = cfg.data
@@ -143,7 +147,7 @@ class FileData(Data):
                     sizes.append(dec.original_size)
         return kept, sizes
 
-    def _read(self, i: int) -> tuple[files.Record, bytes | None]:
+    def read(self, i: int) -> tuple[files.Record, bytes | None]:
         """Record `i` and its encoded image (None: read it from record.path)."""
         return self.records[i], None
 
@@ -153,7 +157,7 @@ class FileData(Data):
         shape = self.bucket_shapes[self.buckets[int(ids[0])]]
         images, caps = [], []
         for i in ids:
-            r, data = self._read(int(i))
+            r, data = self.read(int(i))
             # Crop and flip from (seed, epoch, record): the same on any host, after any resume.
             rng = np.random.default_rng([self.seed, epoch, int(i), 1])
             dec = files.decode(r.path, shape, files.Report(), crop=d.crop, data=data,
@@ -179,12 +183,16 @@ def make_data(cfg: ml_collections.ConfigDict, family: Family | None, use_cache: 
         return CachedData(cfg, family, cfg.data.cache)
     if cfg.data.source == "demo":
         return DemoData(cfg, family)
-    if not os.path.exists(cfg.data.path):
+    if cfg.data.source != "hf" and not os.path.exists(cfg.data.path):  # hf: maybe a hub id
         raise files.DataError(f"config.data.path = {cfg.data.path!r} does not exist")
     if cfg.data.source == "shards":
         from jaxcond.data.shards import ShardData
 
         return ShardData(cfg, family)
+    if cfg.data.source == "hf":
+        from jaxcond.data.hf import HFData
+
+        return HFData(cfg, family)
     return FileData(cfg, family)
 
 

@@ -29,17 +29,19 @@ def write(cfg: ml_collections.ConfigDict, out: str, num_shards: int) -> dict:
     """Writes the shards and index of `cfg`'s file source; returns the index."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    if cfg.data.source not in ("folder", "metadata"):
-        raise files.DataError(f"shards are written from a folder or metadata source, not {cfg.data.source!r}")
-    data = pipeline.FileData(cfg, None)
+    if cfg.data.source not in ("folder", "metadata", "hf"):
+        raise files.DataError(f"shards are written from a folder, metadata or hf source, not {cfg.data.source!r}")
+    data = pipeline.make_data(cfg, None, use_cache=False)
     os.makedirs(out, exist_ok=True)
     names = [f"shard-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
     bounds = np.linspace(0, data.num_records, num_shards + 1).astype(int)
     for k, name in enumerate(tqdm.tqdm(names, desc="writing shards", unit="shard")):
         writer = ArrayRecordWriter(os.path.join(out, name + ".tmp"), "group_size:1")
-        for r in data.records[bounds[k]:bounds[k + 1]]:
-            with open(r.path, "rb") as f:
-                image = f.read()
+        for i in range(bounds[k], bounds[k + 1]):
+            r, image = data.read(i)
+            if image is None:
+                with open(r.path, "rb") as f:
+                    image = f.read()
             writer.write(json.dumps({"caption": r.caption, "name": r.path}).encode() + b"\n" + image)
         writer.close()
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
@@ -68,7 +70,7 @@ class ShardData(pipeline.FileData):
                                   "with `jaxcond shards --config ... --shards_out DIR` first")
         with open(path, "rb") as f:
             index = json.load(f)
-        self.index_digest = index_digest(cfg.data.path)
+        self.source_digest = index_digest(cfg.data.path)
         self.source = grain.sources.ArrayRecordDataSource(
             [os.path.join(cfg.data.path, s) for s in index["shards"]])
         if len(self.source) != len(index["sizes"]):
@@ -80,12 +82,12 @@ class ShardData(pipeline.FileData):
         records = [files.Record(i, f"{cfg.data.path}#{i}", "") for i in range(len(self.source))]
         return records, [tuple(s) for s in index["sizes"]]
 
-    def _read(self, i: int) -> tuple[files.Record, bytes]:
+    def read(self, i: int) -> tuple[files.Record, bytes]:
         header, image = self.source[i].split(b"\n", 1)
         meta = json.loads(header)
         return files.Record(i, meta["name"], meta["caption"]), image
 
     def eval_captions(self, n: int) -> list[str]:
         prompts = list(self.cfg_data.eval_prompts) or [
-            self._read(i)[0].caption for i in range(min(n, self.num_records))]
+            self.read(i)[0].caption for i in range(min(n, self.num_records))]
         return [prompts[i % len(prompts)] for i in range(n)]
