@@ -131,6 +131,10 @@ def restore_or_init(run: Run, ckpts: checkpoint.Checkpoints, allow_config_change
         return run.initial_state()
     conflicts = config_lib.resume_conflicts(ckpts.saved_config(step),
                                             checkpoint.config_to_json(run.cfg))
+    saved = ckpts.saved_data(step)
+    if saved["fingerprint"] != run.data.fingerprint:
+        conflicts.append(f"the training data changed: {saved['num_records']} records at the checkpoint, "
+                         f"{run.data.num_records} now (or other files/captions/buckets)")
     if conflicts and not allow_config_change:
         raise config_lib.ConfigError(
             f"cannot resume from {ckpts.directory} step {step}: the config changed in ways that "
@@ -297,7 +301,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                             ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
         bar.update(1)
         if done % cfg.checkpoint.every_steps == 0 or done == end:
-            ckpts.save(done, state, cfg, force=True)
+            ckpts.save(done, state, cfg, run.data.state(done), force=True)
         every = cfg.train.sample_every
         if done == cfg.train.steps or (every and done % every == 0):
             grid, scores = evaluate(run, state)

@@ -2,13 +2,14 @@
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import file_config
-from jaxcond import config as config_lib, masks as masks_lib, train as train_lib
+from jaxcond import checkpoint, config as config_lib, masks as masks_lib, train as train_lib
 from jaxcond.data import files, order, pipeline
 
 
@@ -149,3 +150,20 @@ def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_
     hf.data.caption_column = "caption"
     with pytest.raises(files.DataError, match="no column 'caption'"):
         pipeline.make_data(hf, family)
+
+
+def test_resume_refuses_changed_data_and_checkpoints_the_loader_state(config, image_folder, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    cfg = file_config(config, folder)
+    train_lib.train(cfg, str(tmp_path / "run"), progress=False, stop_at=4)
+    ckpts = checkpoint.Checkpoints(str(tmp_path / "run" / "checkpoints"), every_steps=4, keep=3, async_save=False)
+    saved = ckpts.saved_data(4)
+    ckpts.close()
+    assert saved["next_step"] == 4 and saved["num_records"] == 104
+    (folder / "extra.png").write_bytes((folder / "000.png").read_bytes())
+    (folder / "extra.txt").write_text("a new image")
+    with pytest.raises(config_lib.ConfigError, match="training data changed: 104 records at the checkpoint, 105 now"):
+        train_lib.train(cfg, str(tmp_path / "run"), progress=False)
+    out = train_lib.train(cfg, str(tmp_path / "run"), progress=False, allow_config_change=True, stop_at=5)
+    assert [h["step"] for h in out["history"]] == [5]

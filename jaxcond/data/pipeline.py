@@ -13,6 +13,8 @@ processes) so decoding overlaps the device step.
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -44,6 +46,24 @@ class Data(abc.ABC):
     @property
     def steps_per_epoch(self) -> int:
         return order.bucketed_steps_per_epoch(self.global_batch, self.buckets)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what decides the order and content of batches: records and buckets."""
+        h = hashlib.sha256(np.asarray(self.buckets, np.int64).tobytes())
+        h.update(str(self.num_records).encode())
+        for part in self._identity():
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+    def _identity(self) -> Iterator[str]:
+        """Strings naming the records (beyond their count and buckets)."""
+        return iter(())
+
+    def state(self, next_step: int) -> dict:
+        """The loader's checkpointed state: its position is the step (the order and every
+        batch are functions of it), plus the fingerprint a resume checks."""
+        return {"next_step": next_step, "num_records": self.num_records, "fingerprint": self.fingerprint}
 
     def ids(self, step: int) -> np.ndarray:
         """Record ids of the global batch of `step`, in batch-position order."""
@@ -146,6 +166,12 @@ class FileData(Data):
                     kept.append(files.Record(len(kept), r.path, r.caption))
                     sizes.append(dec.original_size)
         return kept, sizes
+
+    def _identity(self) -> Iterator[str]:
+        if self.source_digest:
+            yield self.source_digest
+        for r in self.records:
+            yield f"{r.path}\0{r.caption}"
 
     def read(self, i: int) -> tuple[files.Record, bytes | None]:
         """Record `i` and its encoded image (None: read it from record.path)."""
