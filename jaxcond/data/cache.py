@@ -178,7 +178,7 @@ class CachedData(pipeline.Data):
         self.bucket_shapes = tuple(tuple(s) for s in m["bucket_shapes"])
         # Validation prompts and scoring come from the source: the demo's held-out
         # combinations, or config.data.eval_prompts / the first captions.
-        self._demo = pipeline.DemoData(cfg, family) if cfg.data.source == "demo" else None
+        self._demo = pipeline.DemoEval(cfg) if cfg.data.source == "demo" else None
         self._captions = list(cfg.data.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2] or [""]
         self.chunk = m["chunk"]
         self.arrays = {}

@@ -86,33 +86,40 @@ class Data(abc.ABC):
         return None
 
 
-class DemoData(Data):
-    """The procedural shapes (jaxcond.data.demo), materialised once in memory."""
+class DemoEval:
+    """Validation of the demo: held-out captions, scored from pixels (no data needed)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, family: Family):
-        super().__init__(cfg.seed, cfg.train.global_batch)
-        d = cfg.data
-        train_combos, heldout = demo_data.split_combinations(d.heldout_fraction, d.seed)
-        self.images, caps = demo_data.DemoDataset(d.num_records, d.resolution, d.seed,
-                                                  train_combos).materialize()
-        self.tokens = family.tokenize(caps) if family is not None else None  # None: order only
-        self.num_records = d.num_records
-        self.buckets = (0,) * d.num_records
-        self.bucket_shapes = ((d.resolution, d.resolution),)
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.train_combos, heldout = demo_data.split_combinations(cfg.data.heldout_fraction, cfg.data.seed)
         # Held-out combinations test composition; without any, sample seen ones.
-        self._eval_pool = heldout or train_combos
-
-    def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
-        return {"images": self.images[ids], "tokens": self.tokens[ids]}
+        self.pool = heldout or self.train_combos
 
     def eval_captions(self, n: int) -> list[str]:
-        return [demo_data.caption(self._eval_pool[i % len(self._eval_pool)]) for i in range(n)]
+        return [demo_data.caption(self.pool[i % len(self.pool)]) for i in range(n)]
 
     def score(self, images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
         return demo_data.adherence(images, [demo_data.parse_caption(c) for c in captions])
 
     def chance(self, captions: Sequence[str]) -> dict[str, float]:
         return demo_data.chance_adherence([demo_data.parse_caption(c) for c in captions])
+
+
+class DemoData(DemoEval, Data):
+    """The procedural shapes (jaxcond.data.demo), materialised once in memory."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, family: Family | None):
+        Data.__init__(self, cfg.seed, cfg.train.global_batch)
+        DemoEval.__init__(self, cfg)
+        d = cfg.data
+        self.images, caps = demo_data.DemoDataset(d.num_records, d.resolution, d.seed,
+                                                  self.train_combos).materialize()
+        self.tokens = family.tokenize(caps) if family is not None else None  # None: order only
+        self.num_records = d.num_records
+        self.buckets = (0,) * d.num_records
+        self.bucket_shapes = ((d.resolution, d.resolution),)
+
+    def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        return {"images": self.images[ids], "tokens": self.tokens[ids]}
 
 
 def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
