@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.demo.text_heads = 4  # CLIP attention heads.
     c.model.demo.max_length = 12  # Tokens per caption incl. start/end; demo captions need 9.
     c.model.demo.init_seed = 0  # Seed of the random "pretrained" weights.
+    # Widths of a VAE (Stable Diffusion's latent layout, 4 latent channels); () = pixel space.
+    c.model.demo.vae_channels = ()
 
     # --- Data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

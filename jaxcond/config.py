@@ -147,6 +147,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                m.cross_attention_levels, f"must be in [1, {len(m.unet_channels)}] (the number of UNet levels)")
         _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
+        _check(all(ch % 32 == 0 for ch in m.vae_channels), "model.demo.vae_channels",
+               m.vae_channels, "every width must be a multiple of 32")
+        _check(cfg.data.resolution % 2 ** max(len(m.vae_channels) - 1, 0) == 0, "data.resolution",
+               cfg.data.resolution, f"must be divisible by the VAE's downsampling "
+               f"(2 ** (len(config.model.demo.vae_channels) - 1))")
     d = cfg.data
     _one_of("data.source", d.source, ("demo", "folder", "metadata", "shards", "hf"))
     _int_at_least("data.resolution", d.resolution, 8)

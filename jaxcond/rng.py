@@ -30,6 +30,7 @@ STREAM_NOISE = 1
 STREAM_TIMESTEP = 2
 STREAM_NOISE_OFFSET = 3
 STREAM_MODEL = 4  # Model-internal randomness (e.g. layer dropout), if a family uses it.
+STREAM_LATENT = 5  # Drawing latents from the VAE's distribution (latent families).
 
 
 @contextlib.contextmanager

@@ -141,7 +141,10 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     activations and re-materialise them inside attention.
     """
     step = state["step"]
-    x0 = family.images_to_x0(frozen, batch["images"])
+    # Cached VAE moments (jaxcond.data.cache) stand in for encoding the images here.
+    moments = batch["moments"] if "moments" in batch else family.image_moments(frozen, batch["images"])
+    with rng.derivation():
+        x0 = family.draw_x0(moments, rng.stream_key(spec.seed, step, rng.STREAM_LATENT))
     r = step_randomness(spec, step, x0.shape)
     empty = family.encode(frozen, jnp.asarray(empty_tokens(family)))
     data = {"x0": x0, "t": r["t"], "noise": r["noise"], "masks": r["masks"]}

@@ -4,12 +4,16 @@ Conditional dropout is *not* baked in: the cache holds every caption's real enco
 and the train step drops and substitutes nulls exactly as it does without a cache
 (tests/test_cache.py checks the two agree bit for bit on the masks and the nulls).
 
+For a latent family (with a VAE) the cache holds the encoder's mean and std per image,
+not a latent: x0 is drawn from them in the step, so every epoch sees fresh latents as it
+would without the cache.
+
 Layout of a cache folder:
   manifest.json               what it was built from (model and data fingerprints, config
                               fields, records with their bucket and file size/mtime),
                               the arrays' shapes/dtypes and the finished chunks
   <field>-c<chunk>-b<bucket>.npy
-                              field `images` (uint8) or `cond.<conditioner>`, for the
+                              field `images` (uint8), `moments` or `cond.<conditioner>`, for the
                               records of one chunk (id range) in one bucket, in id order
 
 Chunks are written to a temporary name and renamed, and the manifest lists only finished
@@ -97,7 +101,8 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
     check_cacheable(cfg)
     data = pipeline.make_data(cfg, family, use_cache=False)
     want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(cfg),
-            "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK}
+            "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,
+            "fingerprint": data.fingerprint}  # what a checkpoint of a run on this data records
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "manifest.json")
     manifest = {**want, "fields": {}, "done": []}
@@ -109,6 +114,7 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
                               "config.data.cache a new folder (or delete this one)")
         manifest = old
     encode = jax.jit(family.encode)
+    moments = jax.jit(family.image_moments)
     buckets = np.asarray(data.buckets)
     chunks = range((data.num_records + CHUNK - 1) // CHUNK)
     for c in tqdm.tqdm(chunks, desc="caching", unit="chunk", disable=len(chunks) < 2):
@@ -124,7 +130,13 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
                 tokens = np.zeros((batch,) + loaded["tokens"].shape[1:], loaded["tokens"].dtype)
                 tokens[:len(sub)] = loaded["tokens"]  # a fixed shape: one compile
                 cond = jax.device_get(encode(family.frozen, jnp.asarray(tokens)))
-                fields.setdefault("images", []).append(loaded["images"])
+                if family.latent:  # the VAE's distribution; x0 is still drawn in the step
+                    images = np.zeros((batch,) + loaded["images"].shape[1:], np.uint8)
+                    images[:len(sub)] = loaded["images"]
+                    m = jax.device_get(moments(family.frozen, jnp.asarray(images)))
+                    fields.setdefault("moments", []).append(np.asarray(m)[:len(sub)])
+                else:
+                    fields.setdefault("images", []).append(loaded["images"])
                 for k, v in cond.items():
                     fields.setdefault(f"cond.{k}", []).append(np.asarray(v)[:len(sub)])
             for name, parts in fields.items():
@@ -174,6 +186,7 @@ class CachedData(pipeline.Data):
             raise ConfigError(f"{len(stale)} cached images changed on disk since the cache was built "
                               f"(e.g. {stale[0]}); rebuild it with `jaxcond cache`")
         self.num_records = len(m["records"])
+        self._fingerprint = m["fingerprint"]
         self.buckets = tuple(r[0] for r in m["records"])
         self.bucket_shapes = tuple(tuple(s) for s in m["bucket_shapes"])
         # Validation prompts and scoring come from the source: the demo's held-out
@@ -197,10 +210,15 @@ class CachedData(pipeline.Data):
                 self.row[part] = np.arange(len(part))
         self.fields = list(m["fields"])
 
+    @property
+    def fingerprint(self) -> str:
+        """The source's: a run may switch to (or from) its cache and resume."""
+        return self._fingerprint
+
     def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
         out = {}
         for name in self.fields:
-            key = "images" if name == "images" else "cond/" + name[len("cond."):]
+            key = "cond/" + name[len("cond."):] if name.startswith("cond.") else name
             out[key] = np.stack([self.arrays[name, int(i) // self.chunk, self.buckets[int(i)]][self.row[i]]
                                  for i in ids])
         return out

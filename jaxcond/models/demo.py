@@ -87,12 +87,25 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
     text = FlaxCLIPTextModel(text_cfg, seed=seed)
     text.save_pretrained(os.path.join(path, "text_encoder"))
 
+    channels, size = 3, resolution
+    if cfg.vae_channels:
+        # A latent model (Stable Diffusion's layout): the VAE halves the side per extra level.
+        from diffusers import FlaxAutoencoderKL
+
+        nv = len(cfg.vae_channels)
+        vae = FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * nv,
+                                up_block_types=("UpDecoderBlock2D",) * nv,
+                                block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+                                sample_size=resolution)
+        vae.save_pretrained(os.path.join(path, "vae"), params=vae.init_weights(jax.random.key(seed)))
+        channels, size = 4, resolution // 2 ** (nv - 1)
     n, k = len(cfg.unet_channels), cfg.cross_attention_levels
     # Cross-attention on the k lowest resolutions only: attention is what costs on a CPU.
     down = ("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k
     up = ("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k)
     unet = FlaxUNet2DConditionModel(
-        sample_size=resolution, in_channels=3, out_channels=3,
+        sample_size=size, in_channels=channels, out_channels=channels,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_heads,
         cross_attention_dim=cfg.text_width,

@@ -54,3 +54,15 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def x0_to_images(self, frozen: Params, x0: jax.Array) -> jax.Array:
         """In-step: clean samples -> uint8 [B, H, W, 3] images."""
+
+    #: True when samples live in a VAE's latent space: x0 is then drawn, in the step, from
+    #: the encoder's distribution, and a cache stores that distribution, not pixels.
+    latent: bool = False
+
+    def image_moments(self, frozen: Params, images: jax.Array) -> jax.Array:
+        """In-step: uint8 images -> what x0 is drawn from (a pixel family: x0 itself)."""
+        return self.images_to_x0(frozen, images)
+
+    def draw_x0(self, moments: jax.Array, key: jax.Array) -> jax.Array:
+        """In-step: x0 from `image_moments` output (a pixel family: no randomness)."""
+        return moments

@@ -5,9 +5,11 @@ layout of Stable Diffusion checkpoints and of the built-in demo model. This modu
 the only place that touches diffusers/transformers: the pins in pyproject.toml exist
 because their later releases removed these Flax classes.
 
-The demo model is pixel-space (no `vae/`). Conditioners: `text` (the encoder's last
-hidden states, for cross-attention) and, when the UNet has the SDXL-style `text_time`
-added embedding, `pooled` (the pooled caption vector).
+With a `vae/` (diffusers `FlaxAutoencoderKL`) the model is latent-space, as Stable
+Diffusion is: x0 is drawn in the step from the encoder's Gaussian and scaled by the VAE's
+`scaling_factor`. Without one (the demo) it is pixel-space. Conditioners: `text` (the
+encoder's last hidden states, for cross-attention) and, when the UNet has the SDXL-style
+`text_time` added embedding, `pooled` (the pooled caption vector).
 """
 
 from __future__ import annotations
@@ -49,15 +51,17 @@ class UNetCLIP(Family):
                 raise FileNotFoundError(
                     f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
                     "folder with unet/, text_encoder/ and tokenizer/")
-        if os.path.isdir(os.path.join(path, "vae")):
-            # Latent families arrive with the SD adapters; refuse rather than train in the wrong space.
-            raise NotImplementedError(f"{path!r} has a vae/: latent-space models are not supported yet")
         self.unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
         self.text_encoder = FlaxCLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype)
         self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
         self.dtype = dtype
         self.trainable = {"unet": unet_params}
         self.frozen = {"text_encoder": self.text_encoder.params}
+        self.latent = os.path.isdir(os.path.join(path, "vae"))
+        if self.latent:
+            from diffusers import FlaxAutoencoderKL
+
+            self.vae, self.frozen["vae"] = FlaxAutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
 
         ucfg, tcfg = self.unet.config, self.text_encoder.config
         self.max_length = self.tokenizer.model_max_length
@@ -71,6 +75,9 @@ class UNetCLIP(Family):
             # because the demo renders at the training size without cropping.
             self.time_ids = np.array([size, size, 0, 0, size, size][:n_time_ids], np.float32)
         self.sample_shape = (ucfg.in_channels, ucfg.sample_size, ucfg.sample_size)
+        if self.latent and ucfg.in_channels != self.vae.config.latent_channels:
+            raise FileNotFoundError(f"{path}: the UNet takes {ucfg.in_channels} channels but the VAE makes "
+                                    f"{self.vae.config.latent_channels}; unet/ and vae/ do not belong together")
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         ids = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
@@ -96,9 +103,30 @@ class UNetCLIP(Family):
         return out.sample.astype(jnp.float32)
 
     def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
-        x = images.astype(jnp.float32) / 127.5 - 1.0
-        return jnp.transpose(x, (0, 3, 1, 2))
+        """Pixels in [-1, 1], NCHW; for a latent model the VAE's mean, scaled."""
+        if self.latent:
+            mean = self.image_moments(frozen, images)[:, :self.vae.config.latent_channels]
+            return mean * self.vae.config.scaling_factor
+        return jnp.transpose(images.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
 
     def x0_to_images(self, frozen: Params, x0: jax.Array) -> jax.Array:
+        if self.latent:
+            x0 = self.vae.apply({"params": frozen["vae"]}, x0 / self.vae.config.scaling_factor,
+                                method=self.vae.decode).sample.astype(jnp.float32)
         x = jnp.transpose(x0, (0, 2, 3, 1))
         return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    def image_moments(self, frozen: Params, images: jax.Array) -> jax.Array:
+        """Latent: the encoder's mean and std stacked on channels, NCHW [B, 2C, h, w]."""
+        if not self.latent:
+            return self.images_to_x0(frozen, images)
+        x = jnp.transpose(images.astype(self.dtype) / 127.5 - 1.0, (0, 3, 1, 2))
+        dist = self.vae.apply({"params": frozen["vae"]}, x, method=self.vae.encode).latent_dist
+        both = jnp.concatenate([dist.mean, dist.std], axis=-1).astype(jnp.float32)
+        return jnp.transpose(both, (0, 3, 1, 2))
+
+    def draw_x0(self, moments: jax.Array, key: jax.Array) -> jax.Array:
+        if not self.latent:
+            return moments
+        mean, std = jnp.split(moments, 2, axis=1)
+        return (mean + std * jax.random.normal(key, mean.shape)) * self.vae.config.scaling_factor
