@@ -2,7 +2,8 @@
 
 Per step, in this order:
 1. all per-example randomness is drawn over the *global* batch from the step key
-   (`jaxcond.rng`): dropout masks (`jaxcond.dropout`), timesteps, noise;
+   (`jaxcond.rng`): latents from the VAE's distribution (latent families), dropout
+   masks (`jaxcond.dropout`), timesteps, noise;
 2. the batch is split into `grad_accum` micro-batches, micro-batch `a` holding global
    positions p with p % grad_accum == a (so each stays spread over all devices);
 3. per micro-batch: encode captions, replace dropped conditioners by their nulls,
