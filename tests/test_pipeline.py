@@ -35,11 +35,14 @@ def test_single_bucket_order_is_the_documented_batch_ids():
 
 
 def test_folder_data_checks_buckets_and_reports(config, family, image_folder):
-    data = pipeline.make_data(file_config(config, image_folder), family)
+    cfg = file_config(config, image_folder)
+    data = pipeline.make_data(cfg, family)
     assert data.num_records == 104
     assert np.bincount(data.buckets).tolist() == [64, 40]
     assert data.report.counts["skipped: no caption"] == 1
     assert data.report.counts["skipped: not a readable image (corrupt, truncated or not an image)"] == 1
+    for step in range(3 * data.steps_per_epoch):  # the loader's kept epoch plans = the pure order
+        np.testing.assert_array_equal(data.ids(step), order.bucketed_batch(cfg.seed, step, 16, data.buckets)[1])
     for step in range(data.steps_per_epoch):
         b = data.batch(data.ids(step), step)
         assert b["images"].shape[1:3] in ((16, 16), (16, 24)) and b["tokens"].shape[0] == 16

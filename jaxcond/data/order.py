@@ -15,6 +15,7 @@ With a single bucket this is exactly `batch_ids`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,9 +37,9 @@ def batch_ids(seed: int, step: int, global_batch: int, num_records: int) -> np.n
     return _permutation(seed, epoch, num_records)[b * global_batch:(b + 1) * global_batch]
 
 
-@functools.lru_cache(maxsize=4)
-def _bucketed_epoch(seed: int, epoch: int, global_batch: int,
-                    buckets: tuple[int, ...]) -> tuple[tuple[int, np.ndarray], ...]:
+def bucketed_epoch(seed: int, epoch: int, global_batch: int,
+                   buckets: Sequence[int]) -> tuple[tuple[int, np.ndarray], ...]:
+    """All (bucket, record ids) batches of epoch `epoch`, in step order."""
     bucket_of = np.asarray(buckets)
     if (bucket_of == bucket_of[0]).all():
         perm = _permutation(seed, epoch, len(bucket_of))
@@ -53,15 +54,16 @@ def _bucketed_epoch(seed: int, epoch: int, global_batch: int,
     return tuple(batches[i] for i in rng.permutation(len(batches)))
 
 
-def bucketed_steps_per_epoch(global_batch: int, buckets: tuple[int, ...]) -> int:
+def bucketed_steps_per_epoch(global_batch: int, buckets: Sequence[int]) -> int:
     return int(sum(c // global_batch for c in np.bincount(np.asarray(buckets))))
 
 
 def bucketed_batch(seed: int, step: int, global_batch: int,
-                   buckets: tuple[int, ...]) -> tuple[int, np.ndarray]:
-    """(bucket, record ids) of step `step`; `buckets[r]` is record r's bucket index."""
+                   buckets: Sequence[int]) -> tuple[int, np.ndarray]:
+    """(bucket, record ids) of step `step`; `buckets[r]` is record r's bucket index.
+    (Computes the whole epoch: the loader keeps epochs, see jaxcond.data.pipeline.)"""
     spe = bucketed_steps_per_epoch(global_batch, buckets)
     if spe == 0:
         raise ValueError(f"no bucket holds a full global batch of {global_batch}")
     epoch, b = divmod(step, spe)
-    return _bucketed_epoch(seed, epoch, global_batch, buckets)[b]
+    return bucketed_epoch(seed, epoch, global_batch, buckets)[b]

@@ -42,8 +42,9 @@ class Data(abc.ABC):
 
     def __init__(self, seed: int, global_batch: int):
         self.seed, self.global_batch = seed, global_batch
+        self._epochs: dict[int, tuple] = {}  # the last epochs' batch lists (loader threads share it)
 
-    @property
+    @functools.cached_property
     def steps_per_epoch(self) -> int:
         return order.bucketed_steps_per_epoch(self.global_batch, self.buckets)
 
@@ -66,8 +67,16 @@ class Data(abc.ABC):
         return {"next_step": next_step, "num_records": self.num_records, "fingerprint": self.fingerprint}
 
     def ids(self, step: int) -> np.ndarray:
-        """Record ids of the global batch of `step`, in batch-position order."""
-        return order.bucketed_batch(self.seed, step, self.global_batch, self.buckets)[1]
+        """Record ids of the global batch of `step`, in batch-position order
+        (`order.bucketed_batch`, with each epoch's plan computed once)."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        plan = self._epochs.get(epoch)
+        if plan is None:  # two threads may both compute it: same result, no harm
+            plan = order.bucketed_epoch(self.seed, epoch, self.global_batch, self.buckets)
+            self._epochs[epoch] = plan
+            for old in [e for e in list(self._epochs) if e < epoch - 1]:
+                self._epochs.pop(old, None)
+        return plan[b][1]
 
     @abc.abstractmethod
     def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
