@@ -186,3 +186,12 @@ def test_cache_of_an_immutable_source_notices_a_rewrite(config, family, image_fo
     write(48)
     with pytest.raises(config_lib.ConfigError, match="changed on disk"):
         pipeline.make_data(cfg, family)
+
+
+def test_cache_holds_the_null_encodings(built, family):
+    """nulls.npz is the empty caption's encoding, the `empty` null the step computes."""
+    stored = np.load(os.path.join(built.data.cache, cache.NULLS))
+    empty = family.encode(family.frozen, jnp.asarray(ts.empty_tokens(family)))
+    assert set(stored.files) == set(empty)
+    for k, v in empty.items():
+        np.testing.assert_allclose(stored[k], v, atol=1e-6)

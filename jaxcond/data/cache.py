@@ -9,6 +9,8 @@ not a latent: x0 is drawn from them in the step, so every epoch sees fresh laten
 would without the cache.
 
 Layout of a cache folder:
+  nulls.npz                   the empty caption's encoding per conditioner (the `empty`
+                              null; the step recomputes it from the current encoder)
   manifest.json               what it was built from (model and data fingerprints, config
                               fields, records with their bucket and file size/mtime),
                               the arrays' shapes/dtypes and the finished chunks
@@ -36,8 +38,10 @@ import tqdm
 from jaxcond.config import ConfigError
 from jaxcond.data import pipeline
 from jaxcond.models.family import Family
+from jaxcond.train_step import empty_tokens
 
 CHUNK = 1024  # records per chunk
+NULLS = "nulls.npz"  # the empty caption's encoding per conditioner
 VERSION = 1
 # Data fields whose change makes a cache describe other examples.
 _DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "missing_caption",
@@ -115,6 +119,11 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
         manifest = old
     encode = jax.jit(family.encode)
     moments = jax.jit(family.image_moments)
+    # The empty caption's encoding: the `empty` null. The step still computes it from the
+    # current encoder (the contract); this copy records it for users and tools, and the
+    # model fingerprint checked at load guarantees it is what the step computes.
+    empty = jax.device_get(encode(family.frozen, jnp.asarray(empty_tokens(family))))
+    np.savez(os.path.join(directory, NULLS), **{k: np.asarray(v) for k, v in empty.items()})
     buckets = np.asarray(data.buckets)
     chunks = range((data.num_records + CHUNK - 1) // CHUNK)
     for c in tqdm.tqdm(chunks, desc="caching", unit="chunk", disable=len(chunks) < 2):
@@ -169,6 +178,8 @@ class CachedData(pipeline.Data):
             problems.append(f"format version {m.get('version')} (this jaxcond reads {VERSION})")
         if family is not None and m["model"] != fingerprint_params(family.frozen):
             problems.append("it was built with other text-encoder weights")
+        if not os.path.exists(os.path.join(directory, NULLS)):
+            problems.append(f"it has no {NULLS}")
         source = json.loads(json.dumps(_source_of(cfg), default=_json_default))
         changed = [k for k in source if source[k] != m["source"].get(k)]
         if changed:
