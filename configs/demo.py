@@ -21,13 +21,19 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Model -------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
-    # A diffusers-format folder, or "demo" to build the tiny model below into <workdir>/base_model.
+    # A diffusers-format folder (Flax or PyTorch .safetensors weights), a hub id when online,
+    # or "demo" to build the tiny model below into <workdir>/base_model.
     c.model.source = "demo"
+    # Text-encoder layer conditioning the UNet: 1 = last, 2 = penultimate (SD's "clip skip").
+    c.model.clip_skip = 1
     c.model.demo = ml_collections.ConfigDict()
     c.model.demo.unet_channels = (32, 64)  # One UNet level per entry, widths multiples of 32.
     c.model.demo.cross_attention_levels = 1  # Lowest levels with caption cross-attention.
     c.model.demo.layers_per_block = 1  # ResNet blocks per UNet level.
     c.model.demo.attention_heads = 4  # Cross-attention heads.
+    # Pooled caption through SDXL's text_time embedding (the demo follows captions far better
+    # with it); False builds a Stable Diffusion 1.x/2.x-style UNet (cross-attention only).
+    c.model.demo.pooled = True
     c.model.demo.time_embed_dim = 8  # Width of each SDXL-style micro-conditioning embedding.
     c.model.demo.text_width = 64  # CLIP hidden size (= UNet cross-attention width); 32 followed captions less.
     c.model.demo.text_layers = 2  # CLIP transformer layers.

@@ -1,4 +1,4 @@
-"""The `jaxcond` command: `jaxcond train|masks --config FILE [--config.a.b=value ...]`."""
+"""The `jaxcond` command: `jaxcond COMMAND --config FILE [--config.a.b=value ...]` (see USAGE)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "masks", "cache", "shards")
+COMMANDS = ("train", "masks", "cache", "shards", "export")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
@@ -17,20 +17,26 @@ commands:
   masks   print the dropout masks of --steps A:B as JSON lines, without training
   cache   precompute decoded images and text-encoder outputs into config.data.cache
   shards  write a folder/metadata source as ArrayRecord shards into --shards_out
+  export  write run --workdir as a diffusers-format folder (Flax + PyTorch) into --out
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
   jaxcond masks --config configs/demo.py --steps 0:3
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
+  jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N]
 """
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (Python, get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).")
+flags.DEFINE_alias("run", "workdir")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Resume even if the seed, dropout spec, data or batch changed.")
 _STEPS = flags.DEFINE_string("steps", "0:1", "masks: half-open step range A:B.")
 _SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
+_OUT = flags.DEFINE_string("out", None, "export: output folder.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "export: EMA or raw trainable weights.")
+_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the newest).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "shards: number of shard files.", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -91,10 +97,23 @@ def _shards() -> None:
           f"train with --config.data.source=shards --config.data.path={_SHARDS_OUT.value}")
 
 
+def _export() -> None:
+    from jaxcond.export import export
+
+    if not _WORKDIR.value or not _OUT.value:
+        raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR")
+    try:
+        m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value)
+    except FileExistsError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"exported step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
+          f"nulls {m['nulls']}")
+
+
 def _main(argv: list[str], command: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    if _CONFIG.value is None and command != "export":  # export reads the run's own config
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     # Orbax and absl log every checkpoint step at INFO; users need only jaxcond's own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -108,7 +127,7 @@ def _main(argv: list[str], command: str) -> None:
     from jaxcond.data.files import DataError
 
     try:
-        {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards}[command]()
+        {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export}[command]()
     except (ConfigError, DataError, FileNotFoundError, NotImplementedError) as e:
         # Bad configs and model folders are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")

@@ -138,6 +138,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1) (0 turns it off)")
     _int_at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)
     _int_at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
+    _int_at_least("model.clip_skip", cfg.model.clip_skip, 1)
     if cfg.model.source == "demo":
         m = cfg.model.demo
         # diffusers' Flax UNet normalises with 32 groups.

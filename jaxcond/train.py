@@ -43,7 +43,8 @@ def is_main_process() -> bool:
 
 
 def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
-    """The model named by config.model.source; "demo" builds the tiny one once per workdir."""
+    """The model named by config.model.source (a folder or hub id); "demo" builds the tiny
+    one once per workdir."""
     path = cfg.model.source
     if path == "demo":
         path = os.path.join(workdir, "base_model")
@@ -51,10 +52,7 @@ def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
             demo_model.build(path, cfg.model.demo, cfg.data.resolution, cfg.model.demo.init_seed)
         if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
             multihost_utils.sync_global_devices("jaxcond: demo model built")
-    elif not os.path.isdir(path):
-        raise config_lib.ConfigError(
-            f"config.model.source = {path!r}: not a folder; give a diffusers-format model folder or 'demo'")
-    return UNetCLIP(path, dtype=DTYPES[cfg.train.compute_dtype])
+    return UNetCLIP(path, dtype=DTYPES[cfg.train.compute_dtype], clip_skip=cfg.model.clip_skip)
 
 
 @dataclasses.dataclass
@@ -147,6 +145,41 @@ def restore_or_init(run: Run, ckpts: checkpoint.Checkpoints, allow_config_change
                           target, run.state_shardings)
     log.info("resuming from step %d", step)
     return ckpts.restore(step, target)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A run's saved config and restored state, for export and sampling outside training."""
+
+    cfg: ml_collections.ConfigDict
+    family: Family
+    spec: ts.StepSpec
+    state: Any
+    step: int
+
+
+def load_trained(workdir: str, step: int | None = None) -> Trained:
+    """The newest checkpoint of run `workdir` (or that of `step`), restored on one device."""
+    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
+                                   async_save=False)
+    steps = ckpts.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; is {workdir!r} a run "
+                                "directory (the --workdir of jaxcond train)?")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+    cfg = ml_collections.ConfigDict(ckpts.saved_config(step))
+    family = load_family(cfg, workdir)
+    # steps_per_epoch only feeds dropout schedules, which nothing outside training evaluates.
+    spec = ts.StepSpec.from_config(cfg, config_lib.dropout_groups(cfg, family.conditioners), 1)
+    tx, _ = ts.make_optimizer(cfg)
+    target = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx, DTYPES[cfg.train.param_dtype]))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = ckpts.restore(step, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                                             target))
+    ckpts.close()
+    return Trained(cfg, family, spec, state, step)
 
 
 def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, float]]]:

@@ -104,13 +104,16 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
     # Cross-attention on the k lowest resolutions only: attention is what costs on a CPU.
     down = ("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k
     up = ("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k)
+    # SDXL-style added embedding: the pooled caption joins the timestep embedding. Without
+    # it the UNet is Stable Diffusion 1.x/2.x-style (the caption enters by cross-attention only).
+    added = dict(addition_embed_type="text_time", addition_time_embed_dim=cfg.time_embed_dim,
+                 projection_class_embeddings_input_dim=cfg.text_width + 6 * cfg.time_embed_dim
+                 ) if cfg.pooled else {}
     unet = FlaxUNet2DConditionModel(
         sample_size=size, in_channels=channels, out_channels=channels,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_heads,
         cross_attention_dim=cfg.text_width,
-        # SDXL-style added embedding: the pooled caption joins the timestep embedding.
-        addition_embed_type="text_time", addition_time_embed_dim=cfg.time_embed_dim,
-        projection_class_embeddings_input_dim=cfg.text_width + 6 * cfg.time_embed_dim)
+        **added)
     params = unet.init_weights(jax.random.key(seed))
     unet.save_pretrained(os.path.join(path, "unet"), params=params)

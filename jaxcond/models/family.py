@@ -55,6 +55,10 @@ class Family(abc.ABC):
     def x0_to_images(self, frozen: Params, x0: jax.Array) -> jax.Array:
         """In-step: clean samples -> uint8 [B, H, W, 3] images."""
 
+    @abc.abstractmethod
+    def save(self, path: str, trainable: Params) -> None:
+        """Writes the model with these trainable params where its usual tools load it."""
+
     #: True when samples live in a VAE's latent space: x0 is then drawn, in the step, from
     #: the encoder's distribution, and a cache stores that distribution, not pixels.
     latent: bool = False

@@ -1,7 +1,8 @@
 """A diffusers Flax UNet conditioned by a transformers Flax CLIP text encoder.
 
-Loaded from a diffusers-format folder (`unet/`, `text_encoder/`, `tokenizer/`), the
-layout of Stable Diffusion checkpoints and of the built-in demo model. This module is
+Loaded from a diffusers-format folder (`unet/`, `text_encoder/`, `tokenizer/`) or hub id,
+with Flax or PyTorch safetensors weights (`jaxcond.models.load`): the layout of Stable
+Diffusion 1.x/2.x checkpoints and of the built-in demo model. This module is
 the only place that touches diffusers/transformers: the pins in pyproject.toml exist
 because their later releases removed these Flax classes.
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcond.models import convert, load
 from jaxcond.models.family import Family, Params
 
 
@@ -41,27 +43,39 @@ def _quiet_deprecations() -> None:
 class UNetCLIP(Family):
     """diffusers `FlaxUNet2DConditionModel` + transformers `FlaxCLIPTextModel`."""
 
-    def __init__(self, path: str, dtype: jnp.dtype = jnp.float32):
+    def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1):
+        """`source`: a diffusers-format folder or hub id (jaxcond.models.load).
+
+        `clip_skip`: 1 conditions on the text encoder's last layer; 2 on the penultimate
+        (normalised by the final layer norm, as diffusers' pipelines do), and so on.
+        """
         _quiet_deprecations()
         from diffusers import FlaxUNet2DConditionModel
         from transformers import CLIPTokenizer, FlaxCLIPTextModel
 
+        path = load.resolve(source)
         for sub in ("unet", "text_encoder", "tokenizer"):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise FileNotFoundError(
                     f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
                     "folder with unet/, text_encoder/ and tokenizer/")
-        self.unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
-        self.text_encoder = FlaxCLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype)
+        self.path = path
+        self.unet, unet_params = load.diffusers_part(FlaxUNet2DConditionModel, os.path.join(path, "unet"), dtype)
+        self.text_encoder, text_params = load.transformers_part(
+            FlaxCLIPTextModel, os.path.join(path, "text_encoder"), dtype)
         self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
         self.dtype = dtype
         self.trainable = {"unet": unet_params}
-        self.frozen = {"text_encoder": self.text_encoder.params}
+        self.frozen = {"text_encoder": text_params}
         self.latent = os.path.isdir(os.path.join(path, "vae"))
         if self.latent:
             from diffusers import FlaxAutoencoderKL
 
-            self.vae, self.frozen["vae"] = FlaxAutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
+            self.vae, self.frozen["vae"] = load.diffusers_part(FlaxAutoencoderKL, os.path.join(path, "vae"), dtype)
+        layers = self.text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip = {clip_skip}: must be in [1, {layers}] (the text encoder's layers)")
+        self.clip_skip = clip_skip
 
         ucfg, tcfg = self.unet.config, self.text_encoder.config
         self.max_length = self.tokenizer.model_max_length
@@ -85,8 +99,14 @@ class UNetCLIP(Family):
         return ids.astype(np.int32)
 
     def encode(self, frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
-        out = self.text_encoder(input_ids=tokens, params=frozen["text_encoder"], train=False)
-        cond = {"text": out.last_hidden_state}
+        out = self.text_encoder(input_ids=tokens, params=frozen["text_encoder"], train=False,
+                                output_hidden_states=self.clip_skip > 1)
+        text = out.last_hidden_state
+        if self.clip_skip > 1:
+            text = self.text_encoder.module.apply(
+                {"params": frozen["text_encoder"]}, out.hidden_states[-self.clip_skip],
+                method=lambda m, h: m.text_model.final_layer_norm(h))
+        cond = {"text": text}
         if self.uses_pooled:
             cond["pooled"] = out.pooler_output
         return cond
@@ -130,3 +150,17 @@ class UNetCLIP(Family):
             return moments
         mean, std = jnp.split(moments, 2, axis=1)
         return (mean + std * jax.random.normal(key, mean.shape)) * self.vae.config.scaling_factor
+
+    def save(self, path: str, trainable: Params) -> None:
+        """A diffusers-format folder: every part in Flax and PyTorch safetensors layouts."""
+        parts = [("unet", self.unet, trainable["unet"], "diffusion_pytorch_model"),
+                 ("text_encoder", self.text_encoder, self.frozen["text_encoder"], "model")]
+        if self.latent:
+            parts.append(("vae", self.vae, self.frozen["vae"], "diffusion_pytorch_model"))
+        for sub, model, params, stem in parts:
+            folder = os.path.join(path, sub)
+            params = jax.device_get(params)
+            model.save_pretrained(folder, params=params)
+            convert.write_safetensors(os.path.join(folder, f"{stem}.safetensors"), convert.to_pytorch(params),
+                                      metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))

@@ -1,0 +1,88 @@
+"""`jaxcond export`: a trained run as a diffusers-format folder other tools can load.
+
+The folder holds each part (`unet/`, `text_encoder/`, `vae/`) in both Flax `.msgpack`
+and PyTorch `.safetensors` layouts (written by the model family), the tokenizer, a DDIM
+scheduler config matching jaxcond's sampler, and `jaxcond.json`, which records what the
+unconditional branch must be at inference to match training: the null of every
+conditioner, and the learned null tensors themselves in `nulls.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from jaxcond import train
+from jaxcond.config import ConfigError
+from jaxcond.models import convert
+
+WEIGHTS = ("ema", "raw")
+MANIFEST = "jaxcond.json"
+_DIFFUSERS_VERSION = "0.39.0"
+
+
+def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
+    """diffusers DDIMScheduler settings that sample the way jaxcond's sampler does."""
+    d = cfg_diffusion
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION,
+            "num_train_timesteps": d["num_train_timesteps"], "beta_schedule": d["beta_schedule"],
+            "beta_start": d["beta_start"], "beta_end": d["beta_end"],
+            "prediction_type": d["prediction_type"], "timestep_spacing": "trailing",
+            "set_alpha_to_one": False, "steps_offset": 0, "clip_sample": clip_sample,
+            "clip_sample_range": 1.0}
+
+
+def _model_index(latent: bool) -> dict | None:
+    """A Stable Diffusion pipeline index; a pixel-space model has no diffusers pipeline."""
+    if not latent:
+        return None
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def export(workdir: str, out: str, weights: str = "ema", step: int | None = None) -> dict:
+    """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights {weights!r}: use one of {WEIGHTS}")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
+        raise FileExistsError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
+                              "choose a new or empty folder")
+    t = train.load_trained(workdir, step)
+    if weights == "ema" and "ema" not in t.state:
+        raise ConfigError("--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
+    params = jax.device_get(t.state["ema" if weights == "ema" else "params"])
+    os.makedirs(out, exist_ok=True)
+    t.family.save(out, params["model"])
+    nulls = dict(t.spec.nulls)
+    if params["nulls"]:
+        convert.write_safetensors(os.path.join(out, "nulls.safetensors"), params["nulls"])
+    text_nulls = [nulls[c] for c in nulls if c != "time_ids"]
+    manifest = {
+        "exported_from": os.path.abspath(workdir), "step": t.step, "weights": weights,
+        "conditioners": {k: list(v) for k, v in t.family.conditioners.items()},
+        "dropout_groups": {g.name: {"members": list(g.members), "rate": g.rate, "schedule": g.schedule}
+                           for g in t.spec.groups},
+        # How the unconditional (negative) branch must be built to match training:
+        # empty = encode "", zeros = zero tensors, learned = the tensors in nulls.safetensors.
+        "nulls": nulls,
+        "learned_nulls_file": "nulls.safetensors" if params["nulls"] else None,
+        # diffusers' SDXL pipelines zero the unconditional embeddings when this is set.
+        "force_zeros_for_empty_prompt": bool(text_nulls) and all(k == "zeros" for k in text_nulls),
+        "clip_skip": t.cfg.model.clip_skip,
+        "prediction_type": t.cfg.diffusion.prediction_type,
+    }
+    with open(os.path.join(out, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(scheduler_config(t.cfg.diffusion.to_dict(), clip_sample=not t.family.latent), f, indent=2)
+    index = _model_index(t.family.latent)
+    if index is not None:
+        with open(os.path.join(out, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    return manifest
