@@ -22,10 +22,16 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Model -------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
     # A diffusers-format folder (Flax or PyTorch .safetensors weights), a hub id when online,
-    # or "demo" to build the tiny model below into <workdir>/base_model.
+    # a single-file .safetensors (with model.base), or "demo" to build the tiny model below
+    # into <workdir>/base_model.
     c.model.source = "demo"
+    # For a single-file source (an original-layout SD 1.x/SDXL .safetensors): a diffusers
+    # folder or hub id of its family, read for its configs and tokenizers only.
+    c.model.base = ""
     # Text-encoder layer conditioning the UNet: 1 = last, 2 = penultimate (SD's "clip skip").
     c.model.clip_skip = 1
+    # Fine-tune the text encoder(s) with the UNet (the `empty` null then follows them).
+    c.model.train_text_encoder = False
     c.model.demo = ml_collections.ConfigDict()
     c.model.demo.unet_channels = (32, 64)  # One UNet level per entry, widths multiples of 32.
     c.model.demo.cross_attention_levels = 1  # Lowest levels with caption cross-attention.
@@ -34,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Pooled caption through SDXL's text_time embedding (the demo follows captions far better
     # with it); False builds a Stable Diffusion 1.x/2.x-style UNet (cross-attention only).
     c.model.demo.pooled = True
+    c.model.demo.text_encoders = 1  # 2 builds SDXL's layout (text_encoder_2 with a projection).
     c.model.demo.time_embed_dim = 8  # Width of each SDXL-style micro-conditioning embedding.
     c.model.demo.text_width = 64  # CLIP hidden size (= UNet cross-attention width); 32 followed captions less.
     c.model.demo.text_layers = 2  # CLIP transformer layers.
@@ -148,7 +155,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.num_prompts = 12  # Held-out captions in the grid (rows).
     c.sample.per_prompt = 5  # Samples per caption and guidance scale for the adherence numbers.
     c.sample.guidance = (1.0, 3.0, 5.0)  # Classifier-free guidance scales (columns).
-    c.sample.steps = 50  # DDIM steps.
+    c.sample.steps = 50  # Sampler steps.
+    c.sample.scheduler = "ddim"  # ddim | euler_a (ancestral) | dpm++ (2M); see jaxcond/sampling.py.
     c.sample.use_ema = True  # Sample with the EMA params.
     c.sample.seed = 1234  # Sampling noise seed (independent of training).
     return c

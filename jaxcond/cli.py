@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "masks", "cache", "shards", "export")
+COMMANDS = ("train", "masks", "cache", "shards", "export", "sample")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
@@ -18,12 +18,15 @@ commands:
   cache   precompute decoded images and text-encoder outputs into config.data.cache
   shards  write a folder/metadata source as ArrayRecord shards into --shards_out
   export  write run --workdir as a diffusers-format folder (Flax + PyTorch) into --out
+  sample  a PNG grid of --prompt x --guidance from run --workdir (or --run)
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
   jaxcond masks --config configs/demo.py --steps 0:3
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
-  jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N]
+  jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
+  jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \
+      --steps 50 --seed 0 [--scheduler ddim|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
 """
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (Python, get_config()).",
@@ -32,11 +35,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 flags.DEFINE_alias("run", "workdir")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Resume even if the seed, dropout spec, data or batch changed.")
-_STEPS = flags.DEFINE_string("steps", "0:1", "masks: half-open step range A:B.")
+_STEPS = flags.DEFINE_string("steps", None, "masks: half-open step range A:B (default 0:1); "
+                             "sample: sampling steps (default 50).")
 _SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
-_OUT = flags.DEFINE_string("out", None, "export: output folder.")
-_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "export: EMA or raw trainable weights.")
-_STEP = flags.DEFINE_integer("step", None, "export: checkpoint step (default: the newest).")
+_OUT = flags.DEFINE_string("out", None, "export: output folder; sample: output PNG.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "export/sample: EMA or raw trainable weights.")
+_STEP = flags.DEFINE_integer("step", None, "export/sample: checkpoint step (default: the newest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat the flag for more rows).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None,
+                                "sample: its encoding replaces the trained nulls in the unconditional branch.")
+_GUIDANCE = flags.DEFINE_list("guidance", ["1", "3", "7"], "sample: classifier-free guidance scales (columns).")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
+_SCHEDULER = flags.DEFINE_string("scheduler", "ddim", "sample: ddim | euler_a | dpm++.")
+_SINGLE = flags.DEFINE_bool("single_file", False,
+                            "export: also one .safetensors in the original SD layout (latent models).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "shards: number of shard files.", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -67,7 +79,7 @@ def _masks() -> None:
     from jaxcond.masks import mask_records
 
     try:
-        a, b = (int(x) for x in _STEPS.value.split(":"))
+        a, b = (int(x) for x in (_STEPS.value or "0:1").split(":"))
     except ValueError:
         raise app.UsageError(f"--steps {_STEPS.value!r}: expected A:B, e.g. --steps 0:10") from None
     for rec in mask_records(_CONFIG.value, range(a, b)):
@@ -103,17 +115,34 @@ def _export() -> None:
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR")
     try:
-        m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value)
+        m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value)
     except FileExistsError as e:
         raise app.UsageError(str(e)) from None
     print(f"exported step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
           f"nulls {m['nulls']}")
 
 
+def _sample() -> None:
+    from jaxcond.generate import generate
+
+    if not _WORKDIR.value:
+        raise app.UsageError("sample needs --run DIR (a trained run)")
+    try:
+        steps = int(_STEPS.value or 50)
+        guidance = [float(g) for g in _GUIDANCE.value]
+    except ValueError:
+        raise app.UsageError(f"sample: --steps {_STEPS.value!r} must be an integer and --guidance "
+                             f"{','.join(_GUIDANCE.value)!r} numbers, e.g. --steps 50 --guidance 1,3,7") from None
+    path = generate(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
+                    scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
+                    step=_STEP.value, out=_OUT.value)
+    print(f"samples: {path}")
+
+
 def _main(argv: list[str], command: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None and command != "export":  # export reads the run's own config
+    if _CONFIG.value is None and command not in ("export", "sample"):  # these read the run's config
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     # Orbax and absl log every checkpoint step at INFO; users need only jaxcond's own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -127,7 +156,8 @@ def _main(argv: list[str], command: str) -> None:
     from jaxcond.data.files import DataError
 
     try:
-        {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export}[command]()
+        {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
+         "sample": _sample}[command]()
     except (ConfigError, DataError, FileNotFoundError, NotImplementedError) as e:
         # Bad configs and model folders are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")

@@ -6,6 +6,7 @@ Every error names the offending field as it would be overridden on the command l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 import ml_collections
@@ -15,6 +16,16 @@ from jaxcond import diffusion, dropout
 
 class ConfigError(ValueError):
     """A config field has a value jaxcond cannot run with."""
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, for config files built on another one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jaxcond_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _check(ok: bool, field: str, value: object, want: str) -> None:
@@ -37,9 +48,10 @@ def _in_unit_interval(field: str, value: object) -> None:
            "must be a number in [0, 1]")
 
 
-def dropout_groups(cfg: ml_collections.ConfigDict,
-                   conditioners: Iterable[str] | None = None) -> list[dropout.Group]:
-    """The dropout groups of `cfg.dropout`, checked; conditioner names too when given."""
+def dropout_groups(cfg: ml_collections.ConfigDict, conditioners: Iterable[str] | None = None,
+                   data_conditioners: Iterable[str] = ()) -> list[dropout.Group]:
+    """The dropout groups of `cfg.dropout`, checked; conditioner names too when given
+    (`data_conditioners`: those the data supplies, which have no `empty` encoding)."""
     groups = []
     owner: dict[str, str] = {}
     for name, g in cfg.dropout.groups.items():
@@ -73,6 +85,9 @@ def dropout_groups(cfg: ml_collections.ConfigDict,
         for m in cfg.dropout.nulls:
             _check(m in known, f"dropout.nulls.{m}", cfg.dropout.nulls[m],
                    f"{m!r} is not a conditioner of this model; it has {known}")
+            _check(m not in data_conditioners or cfg.dropout.nulls[m] != "empty", f"dropout.nulls.{m}",
+                   "empty", f"{m!r} comes from the data, not the caption, so it has no empty-caption "
+                   "encoding; use 'zeros' or 'learned'")
     return groups
 
 
@@ -139,6 +154,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _int_at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)
     _int_at_least("checkpoint.keep", cfg.checkpoint.keep, 1)
     _int_at_least("model.clip_skip", cfg.model.clip_skip, 1)
+    _check(not cfg.model.source.endswith(".safetensors") or bool(cfg.model.base), "model.base",
+           cfg.model.base, "a single-file model.source carries no config: name a diffusers folder or hub id "
+           "of its family, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5")
+    _check(isinstance(cfg.model.train_text_encoder, bool), "model.train_text_encoder",
+           cfg.model.train_text_encoder, "must be True or False")
     if cfg.model.source == "demo":
         m = cfg.model.demo
         # diffusers' Flax UNet normalises with 32 groups.
@@ -146,6 +166,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                m.unet_channels, "every width must be a multiple of 32")
         _check(1 <= m.cross_attention_levels <= len(m.unet_channels), "model.demo.cross_attention_levels",
                m.cross_attention_levels, f"must be in [1, {len(m.unet_channels)}] (the number of UNet levels)")
+        _one_of("model.demo.text_encoders", m.text_encoders, (1, 2))
+        _check(m.pooled or m.text_encoders == 1, "model.demo.pooled", m.pooled,
+               "two text encoders (SDXL) need the pooled text_time embedding")
         _check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
         _check(all(ch % 32 == 0 for ch in m.vae_channels), "model.demo.vae_channels",
@@ -183,6 +206,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _int_at_least("loader.processes", cfg.loader.processes, 0)
     _check(all(g >= 0 for g in cfg.sample.guidance), "sample.guidance", cfg.sample.guidance,
            "scales must be >= 0")
+    _one_of("sample.scheduler", cfg.sample.scheduler, ("ddim", "euler_a", "dpm++"))
 
 
 # Fields whose change alters which examples, masks or noise a step sees: a resumed run

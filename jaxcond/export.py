@@ -1,10 +1,11 @@
 """`jaxcond export`: a trained run as a diffusers-format folder other tools can load.
 
-The folder holds each part (`unet/`, `text_encoder/`, `vae/`) in both Flax `.msgpack`
+The folder holds each part (`unet/`, `text_encoder/`, `text_encoder_2/`, `vae/`) in both Flax `.msgpack`
 and PyTorch `.safetensors` layouts (written by the model family), the tokenizer, a DDIM
 scheduler config matching jaxcond's sampler, and `jaxcond.json`, which records what the
 unconditional branch must be at inference to match training: the null of every
-conditioner, and the learned null tensors themselves in `nulls.safetensors`.
+conditioner, and the learned null tensors themselves in `nulls.safetensors`. Optionally
+also one `.safetensors` in the original Stable Diffusion layout (ComfyUI, AUTOMATIC1111).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 from jaxcond import train
 from jaxcond.config import ConfigError
 from jaxcond.models import convert
+from jaxcond.models.family import Family
 
 WEIGHTS = ("ema", "raw")
 MANIFEST = "jaxcond.json"
@@ -34,19 +36,29 @@ def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
             "clip_sample_range": 1.0}
 
 
-def _model_index(latent: bool) -> dict | None:
-    """A Stable Diffusion pipeline index; a pixel-space model has no diffusers pipeline."""
-    if not latent:
+def _model_index(family: Family, force_zeros: bool) -> dict | None:
+    """A Stable Diffusion (XL) pipeline index; a pixel-space model has no diffusers pipeline."""
+    if not family.latent:
         return None
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-            "feature_extractor": [None, None], "requires_safety_checker": False}
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    if "text_2" in family.conditioners:
+        index.update({"_class_name": "StableDiffusionXLPipeline",
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "force_zeros_for_empty_prompt": force_zeros})
+    else:
+        index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
+                      "requires_safety_checker": False})
+    return index
 
 
-def export(workdir: str, out: str, weights: str = "ema", step: int | None = None) -> dict:
-    """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest."""
+def export(workdir: str, out: str, weights: str = "ema", step: int | None = None,
+           single_file: bool = False) -> dict:
+    """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest.
+    `single_file` adds `<out>/<name of out>.safetensors` in the original SD layout."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights {weights!r}: use one of {WEIGHTS}")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
@@ -57,7 +69,14 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
         raise ConfigError("--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
     params = jax.device_get(t.state["ema" if weights == "ema" else "params"])
     os.makedirs(out, exist_ok=True)
+    if single_file and not t.family.latent:
+        raise ConfigError("--single_file: the original single-file layout holds a VAE, and this model is "
+                          "pixel-space; export without --single_file")
     t.family.save(out, params["model"])
+    name = None
+    if single_file:
+        name = os.path.basename(os.path.normpath(out)) + ".safetensors"
+        t.family.save_single_file(os.path.join(out, name), params["model"])
     nulls = dict(t.spec.nulls)
     if params["nulls"]:
         convert.write_safetensors(os.path.join(out, "nulls.safetensors"), params["nulls"])
@@ -74,6 +93,7 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
         # diffusers' SDXL pipelines zero the unconditional embeddings when this is set.
         "force_zeros_for_empty_prompt": bool(text_nulls) and all(k == "zeros" for k in text_nulls),
         "clip_skip": t.cfg.model.clip_skip,
+        "single_file": name,
         "prediction_type": t.cfg.diffusion.prediction_type,
     }
     with open(os.path.join(out, MANIFEST), "w") as f:
@@ -81,7 +101,7 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
     with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(scheduler_config(t.cfg.diffusion.to_dict(), clip_sample=not t.family.latent), f, indent=2)
-    index = _model_index(t.family.latent)
+    index = _model_index(t.family, manifest["force_zeros_for_empty_prompt"])
     if index is not None:
         with open(os.path.join(out, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)

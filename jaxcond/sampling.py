@@ -2,7 +2,17 @@
 
 Never applies dropout: the conditional branch sees the real caption encodings, the
 unconditional branch has every conditioner of every dropout group replaced by its
-null, exactly the substitution a dropped training example got.
+null, exactly the substitution a dropped training example got (or, with a negative
+prompt, that prompt's encoding, as diffusers' pipelines do).
+
+Schedulers, all on the same 'trailing' grid of training timesteps (the first step at
+the last training timestep, where v-prediction matters), deterministic from the seed:
+* `ddim`: DDIM with eta = 0 (deterministic, first order);
+* `euler_a`: Euler ancestral (stochastic: fresh noise each step, drawn from the seed);
+* `dpm++`: DPM-Solver++(2M), second-order multistep, first order on the first and last
+  steps (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with lower_order_final).
+The last two work in the variance-exploding view x / sqrt(alpha_bar), sigma =
+sqrt((1 - alpha_bar) / alpha_bar), where the probability-flow ODE is dx/dsigma = (x - x0) / sigma.
 """
 
 from __future__ import annotations
@@ -17,69 +27,114 @@ from jax.experimental import multihost_utils
 
 from jaxcond import diffusion, dropout
 from jaxcond.models.family import Family, Params
-from jaxcond.train_step import StepSpec, empty_tokens
+from jaxcond.train_step import StepSpec, empty_conditioning
+
+SCHEDULERS = ("ddim", "euler_a", "dpm++")
 
 
 def unconditional(family: Family, spec: StepSpec, params: Params, frozen: Params,
                   cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """`cond` with all dropout groups dropped for every example."""
-    empty = family.encode(frozen, jnp.asarray(empty_tokens(family)))
+    empty = empty_conditioning(family, {**frozen, **params["model"]})
     nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
     b = next(iter(cond.values())).shape[0]
     everything = {g.name: jnp.ones((b,), bool) for g in spec.groups}
     return dropout.apply(cond, nulls, everything, spec.groups)
 
 
-def ddim_timesteps(num_train: int, steps: int) -> jnp.ndarray:
+def trailing_timesteps(num_train: int, steps: int) -> jnp.ndarray:
     """'trailing' spacing: starts at the last training timestep (where v-prediction matters)."""
     return jnp.round(jnp.arange(num_train, 0, -num_train / steps)).astype(jnp.int32) - 1
 
 
-@functools.partial(jax.jit, static_argnames=("family", "spec", "steps", "clip_x0"))
+def _conditioning(family: Family, parts: Params, tokens: jax.Array) -> dict[str, jax.Array]:
+    cond = family.encode(parts, tokens)
+    cond.update({k: jnp.asarray(v) for k, v in family.sampling_conditioners(tokens.shape[0]).items()})
+    return cond
+
+
+def _step(scheduler: str, x: jax.Array, x0: jax.Array, a: jax.Array, a_prev: jax.Array,
+          carry: dict, noise: jax.Array) -> tuple[jax.Array, dict]:
+    """One update from alpha_bar `a` to `a_prev` (1 at the end) given the x0 estimate."""
+    if scheduler == "ddim":
+        eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+        return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, carry
+    sigma, sigma_n = jnp.sqrt((1.0 - a) / a), jnp.sqrt((1.0 - a_prev) / a_prev)
+    xv = x / jnp.sqrt(a)
+    if scheduler == "euler_a":
+        up = jnp.sqrt(jnp.maximum(sigma_n**2 * (sigma**2 - sigma_n**2) / sigma**2, 0.0))
+        down = jnp.sqrt(jnp.maximum(sigma_n**2 - up**2, 0.0))
+        xv = xv + (down - sigma) * (xv - x0) / sigma + up * noise
+    else:  # dpm++ (2M)
+        last = sigma_n == 0
+        h = jnp.log(sigma) - jnp.log(jnp.where(last, 1.0, sigma_n))
+        r = carry["h"] / h
+        second = (carry["h"] > 0) & ~last
+        d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * carry["x0"], x0)
+        xv = jnp.where(last, x0, jnp.exp(-h) * xv - jnp.expm1(-h) * d)
+        carry = {"x0": x0, "h": jnp.where(last, 0.0, h)}
+    return xv * jnp.sqrt(a_prev), carry
+
+
+@functools.partial(jax.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0"))
 def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, tokens: jax.Array,
-           guidance: jax.Array, seed: jax.Array, steps: int = 50, clip_x0: bool = True) -> jax.Array:
-    """DDIM (eta=0) samples as uint8 images, one per row of `tokens`, per guidance scale.
+           guidance: jax.Array, seed: jax.Array, steps: int = 50, scheduler: str = "ddim",
+           clip_x0: bool = True, negative_tokens: jax.Array | None = None) -> jax.Array:
+    """Samples as uint8 images, one per row of `tokens`, per guidance scale.
 
     `guidance` is a float array [G]; returns [G, N, H, W, 3]. Scale 1 is the plain
     conditional model, 0 the unconditional one. Every scale starts from the same noise
-    (from `seed`), so columns of a grid differ only by guidance.
+    (and, for euler_a, gets the same per-step noise) from `seed`, so columns of a grid
+    differ only by guidance. `negative_tokens` (rows like `tokens`) replace the nulls.
     """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
-    cond = family.encode(frozen, tokens)
-    uncond = unconditional(family, spec, params, frozen, cond)
+    parts = {**frozen, **params["model"]}
+    cond = _conditioning(family, parts, tokens)
+    uncond = (unconditional(family, spec, params, frozen, cond) if negative_tokens is None
+              else _conditioning(family, parts, negative_tokens))
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
     n = tokens.shape[0]
-    ts = ddim_timesteps(spec.schedule.num_train_timesteps, steps)
+    ts = trailing_timesteps(spec.schedule.num_train_timesteps, steps)
     prev = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
-    x_init = jax.random.normal(jax.random.key(seed), (n,) + tuple(family.sample_shape))
+    key = jax.random.key(seed)
+    shape = (n,) + tuple(family.sample_shape)
+    x_init = jax.random.normal(key, shape)
 
     def one_scale(g):
-        def body(x, tt):
-            t, t_prev = tt
+        def body(carry, inp):
+            k, t, t_prev = inp
+            x = carry.pop("x")
             out = family.denoise(params["model"], jnp.concatenate([x, x]), jnp.full((2 * n,), t), both)
             out = out[n:] + g * (out[:n] - out[n:])
-            eps, x0 = diffusion.to_epsilon_and_x0(spec.schedule.prediction_type, acp, x,
-                                                  out, jnp.full((n,), t))
+            _, x0 = diffusion.to_epsilon_and_x0(spec.schedule.prediction_type, acp, x, out, jnp.full((n,), t))
             if clip_x0:
-                # Re-derive eps from the clipped x0: keeping the unclipped eps makes the DDIM
-                # update inconsistent, and guided samples (whose x0 overshoots) fall apart.
+                # Each update re-derives its direction from the clipped x0: keeping the
+                # unclipped eps is inconsistent, and guided samples (whose x0 overshoots)
+                # fall apart.
                 x0 = jnp.clip(x0, -1.0, 1.0)
-                eps = (x - jnp.sqrt(acp[t]) * x0) / jnp.sqrt(1.0 - acp[t])
             a_prev = jnp.where(t_prev >= 0, acp[jnp.maximum(t_prev, 0)], 1.0)
-            return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, None
+            noise = jax.random.normal(jax.random.fold_in(key, k + 1), shape) if scheduler == "euler_a" else 0.0
+            x, carry = _step(scheduler, x, x0, acp[t], a_prev, carry, noise)
+            return {**carry, "x": x}, None
 
-        x, _ = jax.lax.scan(body, x_init, (ts, prev))
-        return family.x0_to_images(frozen, x)
+        init = {"x": x_init, "x0": jnp.zeros(shape), "h": jnp.zeros(())}
+        final, _ = jax.lax.scan(body, init, (jnp.arange(steps), ts, prev))
+        return family.x0_to_images(frozen, final["x"])
 
     return jax.lax.map(one_scale, guidance)
 
 
 def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
-                captions: Sequence[str], guidance: Sequence[float], seed: int,
-                steps: int) -> jax.Array:
+                captions: Sequence[str], guidance: Sequence[float], seed: int, steps: int,
+                scheduler: str = "ddim", negative: Sequence[str] | None = None) -> jax.Array:
     """[len(guidance), len(captions), H, W, 3] uint8 samples, the same on every process."""
     # Host (numpy) inputs: in a multi-process run jit treats them as replicated values,
     # where a device array made here would live on this process's devices only.
+    negative_tokens = None if negative is None else np.asarray(family.tokenize(negative))
     out = sample(family, spec, params, frozen, np.asarray(family.tokenize(captions)),
-                 np.asarray(guidance, np.float32), np.int32(seed), steps=steps)
+                 np.asarray(guidance, np.float32), np.int32(seed), steps=steps, scheduler=scheduler,
+                 # Pixels live in [-1, 1]; VAE latents have no such bound.
+                 clip_x0=not family.latent, negative_tokens=negative_tokens)
     return multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out

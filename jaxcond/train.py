@@ -52,7 +52,8 @@ def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
             demo_model.build(path, cfg.model.demo, cfg.data.resolution, cfg.model.demo.init_seed)
         if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
             multihost_utils.sync_global_devices("jaxcond: demo model built")
-    return UNetCLIP(path, dtype=DTYPES[cfg.train.compute_dtype], clip_skip=cfg.model.clip_skip)
+    return UNetCLIP(path, dtype=DTYPES[cfg.train.compute_dtype], clip_skip=cfg.model.clip_skip,
+                    train_text_encoder=cfg.model.train_text_encoder, base=cfg.model.base)
 
 
 @dataclasses.dataclass
@@ -108,7 +109,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
             "not TPU slices (no slice_index); use 1 unless the run spans several TPU slices")
     mesh = sharding.make_mesh(config_lib.mesh_shape(cfg, len(devices)), devices, cfg.mesh.dcn_data)
     family = load_family(cfg, workdir)
-    groups = config_lib.dropout_groups(cfg, family.conditioners)
+    groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
     data = pipeline.make_data(cfg, family)
     spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)
     tx, lr = ts.make_optimizer(cfg)
@@ -172,7 +173,8 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     cfg = ml_collections.ConfigDict(ckpts.saved_config(step))
     family = load_family(cfg, workdir)
     # steps_per_epoch only feeds dropout schedules, which nothing outside training evaluates.
-    spec = ts.StepSpec.from_config(cfg, config_lib.dropout_groups(cfg, family.conditioners), 1)
+    groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
+    spec = ts.StepSpec.from_config(cfg, groups, 1)
     tx, _ = ts.make_optimizer(cfg)
     target = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx, DTYPES[cfg.train.param_dtype]))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -193,7 +195,7 @@ def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, floa
     captions = [c for c in prompts for _ in range(s.per_prompt)]
     scales = (0.0,) + tuple(s.guidance)
     images = np.asarray(sample_grid(run.family, run.spec, params, run.frozen, captions, scales,
-                                    s.seed, s.steps))
+                                    s.seed, s.steps, s.scheduler))
     names = ["uncond"] + [f"cfg{g:g}" for g in s.guidance]
     scores = {n: run.data.score(images[i], captions) for i, n in enumerate(names)}
     scores = {n: v for n, v in scores.items() if v is not None}

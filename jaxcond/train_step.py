@@ -78,10 +78,19 @@ def empty_tokens(family: Family) -> np.ndarray:
     return family.tokenize([""])
 
 
+def empty_conditioning(family: Family, params: Params) -> dict[str, jax.Array]:
+    """The empty caption's conditioning, batch of 1: its encodings under `params` (frozen
+    and trainable parts together), and zeros for what the data supplies (time_ids).
+    It is the `empty` null, and fixes the shapes of the others."""
+    empty = family.encode(params, jnp.asarray(empty_tokens(family)))
+    empty.update({k: jnp.zeros((1,) + tuple(family.conditioners[k])) for k in family.batch_conditioners})
+    return empty
+
+
 def init_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
                param_dtype: jnp.dtype = jnp.float32) -> State:
     """Step 0: pretrained trainable params, learned nulls initialised from the empty caption."""
-    empty = family.encode(family.frozen, jnp.asarray(empty_tokens(family)))
+    empty = empty_conditioning(family, {**family.frozen, **family.trainable})
     params = {"model": family.trainable,
               "nulls": {name: empty[name][0] for name, kind in spec.nulls if kind == "learned"}}
     params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
@@ -112,11 +121,16 @@ def _micro(x: jax.Array, a: int) -> jax.Array:
 
 
 def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
-          empty: Mapping[str, jax.Array], mb: Mapping[str, Any]) -> jax.Array:
+          mb: Mapping[str, Any]) -> jax.Array:
+    parts = {**frozen, **params["model"]}  # text encoders may be trainable (then never cached)
     # Cached encodings (jaxcond.data.cache) stand in for the frozen encoder's output; the
     # dropout below treats both alike.
-    cond = dict(mb["cond"]) if "cond" in mb else family.encode(frozen, mb["tokens"])
+    cond = dict(mb["cond"]) if "cond" in mb else family.encode(parts, mb["tokens"])
+    cond.update(mb["extra"])
     if spec.with_dropout:
+        # The `empty` null from the current encoder params: with a fine-tuned text encoder
+        # it moves as the encoder trains, never a stale copy.
+        empty = empty_conditioning(family, parts)
         nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
         cond = dropout.apply(cond, nulls, mb["masks"], spec.groups)
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
@@ -133,8 +147,9 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
                lr: optax.Schedule, state: State, frozen: Params,
                batch: Mapping[str, jax.Array], *,
                compute_sharding: Any = None) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer update on one global batch: {"images": uint8 [B,H,W,3]} and either
-    {"tokens": int32 [B,T]} or the cached encodings {"cond/<conditioner>": [B, ...]}.
+    """One optimizer update on one global batch: {"images": uint8 [B,H,W,3]} (or cached
+    "moments"), either {"tokens": int32 [B,...]} or the cached encodings
+    {"cond/<conditioner>": [B, ...]}, and the family's batch_conditioners (e.g. "time_ids").
 
     `compute_sharding` (e.g. replicated) is where the forward and backward pass see the
     params. With FSDP-sharded params it gathers them once per step (and the gradients are
@@ -147,8 +162,8 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     with rng.derivation():
         x0 = family.draw_x0(moments, rng.stream_key(spec.seed, step, rng.STREAM_LATENT))
     r = step_randomness(spec, step, x0.shape)
-    empty = family.encode(frozen, jnp.asarray(empty_tokens(family)))
-    data = {"x0": x0, "t": r["t"], "noise": r["noise"], "masks": r["masks"]}
+    data = {"x0": x0, "t": r["t"], "noise": r["noise"], "masks": r["masks"],
+            "extra": {k: batch[k] for k in family.batch_conditioners}}
     if "tokens" in batch:
         data["tokens"] = batch["tokens"]
     else:
@@ -156,7 +171,7 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     def loss_fn(p: Params, mb: Mapping[str, Any]) -> jax.Array:
         if compute_sharding is not None:
             p = jax.lax.with_sharding_constraint(p, compute_sharding)
-        return _loss(family, spec, p, frozen, empty, mb)
+        return _loss(family, spec, p, frozen, mb)
 
     grad_fn = jax.value_and_grad(loss_fn)
     params = state["params"]

@@ -47,9 +47,10 @@ def test_bad_config_fails_before_compiling(tmp_path, field, value, message):
 
 def test_unknown_conditioner_is_named_with_the_known_ones(config, tmp_path):
     cfg = copy.deepcopy(config)
-    cfg.dropout.groups.caption.members = ("text", "pooled", "time_ids")
-    cfg.dropout.nulls.time_ids = "zeros"
-    with pytest.raises(config_lib.ConfigError, match=r"'time_ids'.*unknown conditioner; this model has \('text', 'pooled'\)"):
+    cfg.dropout.groups.caption.members = ("text", "pooled", "text_2")
+    cfg.dropout.nulls.text_2 = "zeros"
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"'text_2'.*unknown conditioner; this model has \('text', 'pooled', 'time_ids'\)"):
         train_lib.build(cfg, str(tmp_path))
 
 

@@ -10,6 +10,7 @@ by ~1e-4 (seen up to 1.4e-4); a wrong or transposed weight moves them by ~1e-1.
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from flax.traverse_util import flatten_dict
 
 from conftest import ROOT
 from jaxcond import export as export_lib, train as train_lib
+from jaxcond.config import ConfigError
 from jaxcond.models import convert, demo as demo_model
 from jaxcond.models.unet_clip import UNetCLIP
 
@@ -88,6 +90,8 @@ def test_export_raw_and_errors(run_dir, tmp_path):
         export_lib.export(run_dir, str(tmp_path / "full"))
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         export_lib.export(str(tmp_path), str(tmp_path / "y"))
+    with pytest.raises(ConfigError, match="--single_file.*pixel-space"):
+        export_lib.export(run_dir, str(tmp_path / "z"), single_file=True)
 
 
 # --- PyTorch parity ----------------------------------------------------------------------
@@ -102,7 +106,7 @@ def _unet_inputs(family, seed=0):
     return x, t, tokens
 
 
-def _torch_unet_output(folder, family, x, t, cond):
+def _torch_unet_output(folder, x, t, cond):
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
@@ -110,44 +114,64 @@ def _torch_unet_output(folder, family, x, t, cond):
     net = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(folder, "unet")))
     # strict: every PyTorch parameter must come from the file and every tensor must be used
     net.load_state_dict(load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")), strict=True)
-    added = None
-    if "pooled" in cond:
-        added = {"text_embeds": torch.from_numpy(np.array(cond["pooled"])),
-                 "time_ids": torch.from_numpy(np.broadcast_to(family.time_ids, (2, family.time_ids.size)).copy())}
+    t_ = {k: torch.from_numpy(np.array(v)) for k, v in cond.items()}
+    context = t_["text"] if "text_2" not in t_ else torch.cat([t_["text"], t_["text_2"]], -1)
+    added = {"text_embeds": t_["pooled"], "time_ids": t_["time_ids"]} if "pooled" in t_ else None
     with torch.no_grad():
-        out = net(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(t)).long(),
-                  torch.from_numpy(np.array(cond["text"])), added_cond_kwargs=added).sample
+        out = net(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(t)).long(), context,
+                  added_cond_kwargs=added).sample
     return out.numpy()
 
 
-def _torch_text(folder, tokens, clip_skip):
+def _torch_text(folder, family, tokens):
+    """The conditioners as diffusers' SD / SDXL pipelines compute them with PyTorch CLIP."""
     import torch
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    te = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
-    with torch.no_grad():
-        out = te(torch.from_numpy(np.array(tokens)).long(), output_hidden_states=True)
-        text = out.last_hidden_state if clip_skip == 1 else te.text_model.final_layer_norm(
-            out.hidden_states[-clip_skip])
-    return text.numpy(), out.pooler_output.numpy()
+    two, out = len(family.encoders) == 2, {}
+    for i, name in enumerate(family.encoders):
+        te = (CLIPTextModel if i == 0 else CLIPTextModelWithProjection).from_pretrained(os.path.join(folder, name))
+        ids = torch.from_numpy(np.array(tokens[:, i] if two else tokens)).long()
+        with torch.no_grad():
+            o = te(ids, output_hidden_states=True)
+            if two:  # SDXL: the penultimate layer (clip_skip 1), un-normalised
+                h = o.hidden_states[-(family.clip_skip + 1)]
+            else:
+                h = o.last_hidden_state if family.clip_skip == 1 else te.text_model.final_layer_norm(
+                    o.hidden_states[-family.clip_skip])
+        out["text_2" if i else "text"] = h.numpy()
+        if i == len(family.encoders) - 1:  # the pooled vector comes from the last encoder
+            out["pooled"] = (o.text_embeds if two else o.pooler_output).numpy()
+    return out
 
 
 def _check_parity(folder, family):
     x, t, tokens = _unet_inputs(family)
     cond = family.encode(family.frozen, tokens)
-    text, pooled = _torch_text(folder, tokens, family.clip_skip)
-    np.testing.assert_allclose(np.asarray(cond["text"]), text, atol=ATOL)
-    if "pooled" in cond:
-        np.testing.assert_allclose(np.asarray(cond["pooled"]), pooled, atol=ATOL)
-    want = _torch_unet_output(folder, family, x, t, cond)
+    want_cond = _torch_text(folder, family, tokens)
+    for k, v in cond.items():
+        np.testing.assert_allclose(np.asarray(v), want_cond[k], atol=ATOL, err_msg=k)
+    cond.update({k: jnp.asarray(v) for k, v in family.sampling_conditioners(2).items()})
+    want = _torch_unet_output(folder, x, t, cond)
     got = np.asarray(family.denoise(family.trainable, x, t, cond))
     assert np.abs(want).max() > 0.1  # a real output, not an all-zero comparison
     np.testing.assert_allclose(got, want, atol=UNET_ATOL)
 
 
-def test_sdxl_style_export_matches_pytorch(exported):
-    """The trained tiny model (pooled caption through SDXL's text_time embedding)."""
+def test_text_time_export_matches_pytorch(exported):
+    """The trained tiny demo model (pooled caption through SDXL's text_time embedding)."""
     _check_parity(exported, UNetCLIP(exported))
+
+
+def test_sdxl_two_encoder_export_matches_pytorch(config, tmp_path):
+    """SDXL's layout: two encoders (the second with a projection), time ids, a VAE."""
+    c = copy.deepcopy(config.model.demo)
+    c.vae_channels, c.text_encoders = (32, 32), 2
+    demo_model.build(str(tmp_path / "src"), c, 16, 0)
+    src = UNetCLIP(str(tmp_path / "src"))
+    assert set(src.conditioners) == {"text", "text_2", "pooled", "time_ids"}
+    src.save(str(tmp_path / "out"), src.trainable)
+    _check_parity(str(tmp_path / "out"), src)
 
 
 def test_sd_style_export_with_vae_and_clip_skip_matches_pytorch(config, tmp_path):
@@ -189,7 +213,7 @@ def test_weights_saved_by_pytorch_load_and_match(config, tmp_path):
         cls.from_config(cls.load_config(os.path.join(flax_dir, sub))).save_pretrained(os.path.join(pt_dir, sub))
     te = os.path.join(flax_dir, "text_encoder")
     CLIPTextModel(CLIPTextConfig.from_pretrained(te)).save_pretrained(os.path.join(pt_dir, "text_encoder"))
-    UNetCLIP(flax_dir).tokenizer.save_pretrained(os.path.join(pt_dir, "tokenizer"))
+    shutil.copytree(os.path.join(flax_dir, "tokenizer"), os.path.join(pt_dir, "tokenizer"))
     assert os.path.isfile(os.path.join(pt_dir, "unet", "diffusion_pytorch_model.safetensors"))
     family = UNetCLIP(pt_dir)
     _check_parity(pt_dir, family)

@@ -2,6 +2,7 @@
 distribution, from images or from the cache alike."""
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import file_config, tiny_config
-from jaxcond import config as config_lib, rng, train as train_lib, train_step as ts
+from jaxcond import config as config_lib, export as export_lib, rng, train as train_lib, train_step as ts
 from jaxcond.data import cache, pipeline
 from jaxcond.models import demo as demo_model
 from jaxcond.models.unet_clip import UNetCLIP
@@ -47,9 +48,17 @@ def test_latent_family_draws_x0_from_the_vae(latent_family):
 def test_latent_model_trains_and_samples(latent_config, tmp_path):
     cfg = copy.deepcopy(latent_config)
     cfg.train.steps = 2
-    out = train_lib.train(cfg, str(tmp_path), progress=False)
+    out = train_lib.train(cfg, str(tmp_path / "run"), progress=False)
     assert all(np.isfinite(h["loss"]) for h in out["history"])
-    assert (tmp_path / "samples_final.png").exists()
+    assert (tmp_path / "run" / "samples_final.png").exists()
+    # Exported as a Stable Diffusion pipeline folder plus one original-layout file.
+    m = export_lib.export(str(tmp_path / "run"), str(tmp_path / "sd"), single_file=True)
+    assert m["single_file"] == "sd.safetensors"
+    index = json.load(open(tmp_path / "sd" / "model_index.json"))
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
+    back = UNetCLIP(str(tmp_path / "sd" / "sd.safetensors"), base=str(tmp_path / "sd"))
+    ema = jax.tree.leaves(out["state"]["ema"]["model"])
+    assert all(np.array_equal(a, b) for a, b in zip(ema, jax.tree.leaves(back.trainable)))
 
 
 def test_cached_moments_give_the_same_step(latent_config, latent_family, image_folder, tmp_path):

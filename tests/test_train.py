@@ -27,6 +27,7 @@ class Spy(Family):
         self.inner, self.seen = inner, []
         self.conditioners, self.sample_shape = inner.conditioners, inner.sample_shape
         self.trainable, self.frozen = inner.trainable, inner.frozen
+        self.batch_conditioners = inner.batch_conditioners
 
     def tokenize(self, captions):
         return self.inner.tokenize(captions)
@@ -43,6 +44,12 @@ class Spy(Family):
 
     def x0_to_images(self, frozen, x0):
         return self.inner.x0_to_images(frozen, x0)
+
+    def save(self, path, trainable):
+        return self.inner.save(path, trainable)
+
+    def sampling_conditioners(self, n):
+        return self.inner.sampling_conditioners(n)
 
 
 def _one_step_seen(config, family, rate, grad_accum=1, step=0):

@@ -17,7 +17,7 @@ from jaxcond.models.unet_clip import UNetCLIP
 
 PARTS = (("unet", "diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
          ("vae", "diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
-         ("text_encoder", "flax_model.msgpack", "model"))
+         ("text_encoder", "flax_model.msgpack", "model"), ("text_encoder_2", "flax_model.msgpack", "model"))
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,18 @@ def test_pytorch_safetensors_load_to_the_same_params(latent_dir, tmp_path):
     assert_same_tree(a.trainable, b.trainable)
     assert_same_tree(a.frozen, b.frozen)
     assert b.latent and "pooled" not in b.conditioners
+
+
+def test_sdxl_layout_loads_from_pytorch_safetensors(config, tmp_path):
+    c = copy.deepcopy(config.model.demo)
+    c.vae_channels, c.text_encoders = (32, 32), 2
+    src, pt = str(tmp_path / "src"), str(tmp_path / "pt")
+    demo_model.build(src, c, 16, 0)
+    as_pytorch_folder(src, pt)
+    a, b = UNetCLIP(src), UNetCLIP(pt)
+    assert "text_encoder_2" in b.frozen and not os.path.exists(os.path.join(pt, "text_encoder_2", "flax_model.msgpack"))
+    assert_same_tree(a.trainable, b.trainable)
+    assert_same_tree(a.frozen, b.frozen)
 
 
 def test_loading_safetensors_works_without_torch(latent_dir, tmp_path):
@@ -133,10 +145,10 @@ def test_clip_skip_conditions_on_the_penultimate_layer(model_dir):
 
     last, skip = UNetCLIP(model_dir), UNetCLIP(model_dir, clip_skip=2)
     tokens = jnp.asarray(last.tokenize(["a red circle on a blue background"]))
-    out = last.text_encoder(input_ids=tokens, params=last.frozen["text_encoder"], output_hidden_states=True)
+    out = last.text_models["text_encoder"](input_ids=tokens, params=last.frozen["text_encoder"], output_hidden_states=True)
     x = np.asarray(out.hidden_states[-2], np.float64)
     ln = last.frozen["text_encoder"]["text_model"]["final_layer_norm"]
-    eps = last.text_encoder.config.layer_norm_eps
+    eps = last.text_models["text_encoder"].config.layer_norm_eps
     want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * ln["scale"] + ln["bias"]
     np.testing.assert_allclose(np.asarray(skip.encode(skip.frozen, tokens)["text"]), want, atol=1e-5)
     assert not np.allclose(want, np.asarray(last.encode(last.frozen, tokens)["text"]), atol=1e-2)

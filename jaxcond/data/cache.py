@@ -15,7 +15,8 @@ Layout of a cache folder:
                               fields, records with their bucket and file size/mtime),
                               the arrays' shapes/dtypes and the finished chunks
   <field>-c<chunk>-b<bucket>.npy
-                              field `images` (uint8), `moments` or `cond.<conditioner>`, for the
+                              field `images` (uint8), `moments`, `time_ids` (SDXL's size
+                              and crop conditioning) or `cond.<conditioner>`, for the
                               records of one chunk (id range) in one bucket, in id order
 
 Chunks are written to a temporary name and renamed, and the manifest lists only finished
@@ -42,14 +43,18 @@ from jaxcond.train_step import empty_tokens
 
 CHUNK = 1024  # records per chunk
 NULLS = "nulls.npz"  # the empty caption's encoding per conditioner
-VERSION = 1
+VERSION = 2  # 2: per-record time_ids
 # Data fields whose change makes a cache describe other examples.
 _DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "missing_caption",
                 "empty_caption", "too_small", "num_records", "heldout_fraction", "seed")
 
 
 def check_cacheable(cfg: ml_collections.ConfigDict) -> None:
-    """A cache stores one crop and one caption per image: refuse settings that vary them."""
+    """A cache stores one crop and one caption per image, encoded by the frozen text
+    encoders: refuse settings that vary them."""
+    if cfg.model.train_text_encoder:
+        raise ConfigError("config.data.cache: with config.model.train_text_encoder the captions' "
+                          "encodings change every step, so they cannot be cached; train without the cache")
     d = cfg.data
     if d.source == "demo":
         return
@@ -146,6 +151,7 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
                     fields.setdefault("moments", []).append(np.asarray(m)[:len(sub)])
                 else:
                     fields.setdefault("images", []).append(loaded["images"])
+                fields.setdefault("time_ids", []).append(loaded["time_ids"])
                 for k, v in cond.items():
                     fields.setdefault(f"cond.{k}", []).append(np.asarray(v)[:len(sub)])
             for name, parts in fields.items():

@@ -80,7 +80,8 @@ class Data(abc.ABC):
 
     @abc.abstractmethod
     def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
-        """{"images": uint8 [n, H, W, 3], "tokens": int32 [n, T]} of records `ids` at `step`."""
+        """{"images": uint8 [n, H, W, 3], "tokens": int32 [n, ...], "time_ids": float32 [n, 6]}
+        of records `ids` at `step` (`time_ids`: see `micro_conditioning`)."""
 
     @abc.abstractmethod
     def eval_captions(self, n: int) -> list[str]:
@@ -93,6 +94,13 @@ class Data(abc.ABC):
     def chance(self, captions: Sequence[str]) -> dict[str, float] | None:
         """What `score` gives samples that ignore their captions."""
         return None
+
+
+def micro_conditioning(original: tuple[int, int], crop_top_left: tuple[int, int],
+                       target: tuple[int, int]) -> np.ndarray:
+    """SDXL's time ids of one image: (height, width) before resizing, (top, left) of the crop
+    in the resized image, (height, width) trained at. Models without them ignore them."""
+    return np.array([*original, *crop_top_left, *target], np.float32)
 
 
 class DemoEval:
@@ -128,7 +136,10 @@ class DemoData(DemoEval, Data):
         self.bucket_shapes = ((d.resolution, d.resolution),)
 
     def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
-        return {"images": self.images[ids], "tokens": self.tokens[ids]}
+        r = self.bucket_shapes[0]  # rendered at the training size, uncropped
+        time_ids = micro_conditioning(r, (0, 0), r)
+        return {"images": self.images[ids], "tokens": self.tokens[ids],
+                "time_ids": np.tile(time_ids, (len(ids), 1))}
 
 
 def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
@@ -197,7 +208,7 @@ class FileData(Data):
         d = self.cfg_data
         epoch = step // self.steps_per_epoch
         shape = self.bucket_shapes[self.buckets[int(ids[0])]]
-        images, caps = [], []
+        images, caps, time_ids = [], [], []
         for i in ids:
             r, data = self.read(int(i))
             # Crop and flip from (seed, epoch, record): the same on any host, after any resume.
@@ -207,10 +218,12 @@ class FileData(Data):
             if dec is None:  # the file changed since the start-up check
                 raise files.DataError(f"{r.path} could not be read any more; it was readable at start")
             images.append(dec.pixels)
+            time_ids.append(micro_conditioning(dec.original_size, dec.crop_top_left, shape))
             caps.append(captions_lib.augment(r.caption, seed=self.seed, epoch=epoch, record_id=int(i),
                                              shuffle=d.caption_shuffle, keep_tokens=d.keep_tokens,
                                              tag_dropout=d.tag_dropout))
-        return {"images": np.stack(images), "tokens": self.family.tokenize(caps)}
+        return {"images": np.stack(images), "tokens": self.family.tokenize(caps),
+                "time_ids": np.stack(time_ids)}
 
     def eval_captions(self, n: int) -> list[str]:
         prompts = list(self.cfg_data.eval_prompts) or [r.caption for r in self.records[:n]]

@@ -1,6 +1,7 @@
 """Builds the demo's tiny pretrained-model folder locally (no hub, no download).
 
-The folder has the diffusers layout (`unet/`, `text_encoder/`, `tokenizer/`) and is
+The folder has the diffusers layout (`unet/`, `text_encoder/`, `tokenizer/`, and with two
+text encoders SDXL's `text_encoder_2/`, `tokenizer_2/`) and is
 then loaded by the same code that loads real Stable Diffusion folders, so the demo
 exercises the real loading path. The tokenizer is a genuine CLIP BPE tokenizer whose
 vocabulary is learned from the demo's caption words.
@@ -76,7 +77,7 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
 
     _quiet_deprecations()
     from diffusers import FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
     vocab_size = _write_tokenizer(os.path.join(path, "tokenizer"), cfg.max_length)
     text_cfg = CLIPTextConfig(
@@ -84,8 +85,12 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
         max_position_embeddings=cfg.max_length, projection_dim=cfg.text_width,
         bos_token_id=0, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    text = FlaxCLIPTextModel(text_cfg, seed=seed)
-    text.save_pretrained(os.path.join(path, "text_encoder"))
+    FlaxCLIPTextModel(text_cfg, seed=seed).save_pretrained(os.path.join(path, "text_encoder"))
+    if cfg.text_encoders == 2:
+        # SDXL's layout: a second encoder with a projection head (its pooled output) and
+        # its own tokenizer (the same vocabulary here).
+        FlaxCLIPTextModelWithProjection(text_cfg, seed=seed + 1).save_pretrained(os.path.join(path, "text_encoder_2"))
+        _write_tokenizer(os.path.join(path, "tokenizer_2"), cfg.max_length)
 
     channels, size = 3, resolution
     if cfg.vae_channels:
@@ -113,7 +118,7 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
         sample_size=size, in_channels=channels, out_channels=channels,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_heads,
-        cross_attention_dim=cfg.text_width,
+        cross_attention_dim=cfg.text_width * cfg.text_encoders,  # the encoders' features, concatenated
         **added)
     params = unet.init_weights(jax.random.key(seed))
     unet.save_pretrained(os.path.join(path, "unet"), params=params)

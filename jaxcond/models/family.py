@@ -6,9 +6,10 @@ latents) and back, and the denoiser. The train step and sampler only see this
 interface, so the backing implementation (today diffusers' and transformers' Flax
 models) can be replaced without touching them.
 
-Params come in two trees: `trainable` (what the optimizer updates; the denoiser) and
-`frozen` (text encoders, VAE: never given optimizer state, never checkpointed, always
-reloaded from the model source).
+Params come in two trees keyed by part (`unet`, `text_encoder`, `vae`, ...): `trainable`
+(what the optimizer updates: the denoiser, and the text encoders when they are fine-tuned)
+and `frozen` (never given optimizer state, never checkpointed, always reloaded from the
+model source). Functions that read any part take the union `{**frozen, **trainable}`.
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
-        """Host-side: int32 [B, T] token ids."""
+        """Host-side: int32 token ids [B, ...]."""
+
+    #: Conditioners the data supplies per example rather than the text encoders (SDXL's
+    #: time_ids: original size, crop offsets, target size).
+    batch_conditioners: tuple[str, ...] = ()
 
     @abc.abstractmethod
-    def encode(self, frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
-        """In-step: token ids -> {conditioner: [B, ...]}."""
+    def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
+        """In-step: token ids -> {conditioner: [B, ...]} for all but batch_conditioners.
+        `params` holds the text encoders, trainable or frozen."""
+
+    def sampling_conditioners(self, n: int) -> dict[str, np.ndarray]:
+        """The batch_conditioners of `n` samples generated at the model's own size."""
+        return {}
 
     @abc.abstractmethod
     def denoise(self, trainable: Params, x_t: jax.Array, t: jax.Array,

@@ -1,7 +1,8 @@
 """Finding and reading the parts of a diffusers-format model folder.
 
 A model source is a local folder or, when online, a Hugging Face hub id (downloaded once
-into the hub cache). Each part (`unet/`, `vae/`, `text_encoder/`) is read from Flax
+into the hub cache), or a single-file checkpoint in the original Stable Diffusion layout
+with a `base` folder or hub id of its family for the configs. Each part (`unet/`, `vae/`, `text_encoder/`) is read from Flax
 `.msgpack` weights when the folder has them, else from PyTorch `.safetensors` weights
 (plain, fp16 variant, or sharded with an index) converted by `jaxcond.models.convert`,
 without torch. Pickled `.bin` weights are refused with the one-line fix.
@@ -23,11 +24,16 @@ from jaxcond.models import convert
 _FILES = {"diffusers": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
           "transformers": ("flax_model.msgpack", "model")}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-_HUB_PATTERNS = ["*.json", "*.txt", "*.msgpack", "*.safetensors", "tokenizer*/*"]
+_CONFIG_PATTERNS = ["*.json", "*.txt", "tokenizer*/*"]
+# Each part's weights in the layouts read here; not the repo-root single files and fp16
+# duplicates many repos also carry (SDXL's would add 14 GB).
+_WEIGHT_PATTERNS = ["*/diffusion_pytorch_model.safetensors", "*/model.safetensors", "*/*.safetensors.index.json",
+                    "*/*-of-*.safetensors", "*/*.msgpack"]
 
 
-def resolve(source: str) -> str:
-    """A local folder for `source`: the folder itself, or a hub snapshot of the id."""
+def resolve(source: str, weights: bool = True) -> str:
+    """A local folder for `source`: the folder itself, or a hub snapshot of the id (without
+    weights when only the configs and tokenizers are needed)."""
     if os.path.isdir(source):
         return source
     if not _HUB_ID.fullmatch(source) or os.path.exists(source):
@@ -36,8 +42,7 @@ def resolve(source: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        # Only what jaxcond reads: not the .bin/.ckpt duplicates many repos also carry.
-        return snapshot_download(source, allow_patterns=_HUB_PATTERNS)
+        return snapshot_download(source, allow_patterns=_CONFIG_PATTERNS + (_WEIGHT_PATTERNS if weights else []))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
         raise FileNotFoundError(
             f"config.model.source = {source!r} is not a local folder and could not be downloaded from the "
@@ -71,26 +76,48 @@ def _check_part(folder: str) -> None:
                                 "a diffusers-format model folder?")
 
 
-def diffusers_part(cls: Any, folder: str, dtype: jnp.dtype) -> tuple[Any, dict]:
-    """A diffusers Flax model class's module and params from `folder` (e.g. <model>/unet)."""
+def _params(library: str, folder: str, template: Any, tensors: dict | None) -> dict:
+    if tensors is not None:  # this part's share of a single-file checkpoint
+        return convert.from_pytorch(tensors, template, source=f"the single file's {os.path.basename(folder)}")
+    files = _pytorch_files(folder, _FILES[library][1])
+    return convert.from_pytorch(convert.read_safetensors(files), template, source=files[0])
+
+
+def diffusers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None) -> tuple[Any, dict]:
+    """A diffusers Flax model class's module and params from `folder` (e.g. <model>/unet),
+    or from `tensors` (PyTorch keys) with only the folder's config."""
     _check_part(folder)
-    flax_file, stem = _FILES["diffusers"]
-    if os.path.isfile(os.path.join(folder, flax_file)):
+    if tensors is None and os.path.isfile(os.path.join(folder, _FILES["diffusers"][0])):
         return cls.from_pretrained(folder, dtype=dtype)
     model = cls.from_config(cls.load_config(folder), dtype=dtype)
     template = jax.eval_shape(model.init_weights, jax.random.key(0))
-    files = _pytorch_files(folder, stem)
-    return model, convert.from_pytorch(convert.read_safetensors(files), template, source=files[0])
+    return model, _params("diffusers", folder, template, tensors)
 
 
-def transformers_part(cls: Any, folder: str, dtype: jnp.dtype) -> tuple[Any, dict]:
-    """A transformers Flax model (its params not initialised) and its params from `folder`."""
+def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None) -> tuple[Any, dict]:
+    """A transformers Flax model (its params not initialised) and its params, as above."""
     _check_part(folder)
-    flax_file, stem = _FILES["transformers"]
-    if os.path.isfile(os.path.join(folder, flax_file)):
+    if tensors is None and os.path.isfile(os.path.join(folder, _FILES["transformers"][0])):
         model = cls.from_pretrained(folder, dtype=dtype)
         return model, model.params
     model = cls(cls.config_class.from_pretrained(folder), dtype=dtype, _do_init=False)
     template = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
-    files = _pytorch_files(folder, stem)
-    return model, convert.from_pytorch(convert.read_safetensors(files), template, source=files[0])
+    return model, _params("transformers", folder, template, tensors)
+
+
+def single_file(path: str, base: str) -> tuple[str, dict[str, dict]]:
+    """An original-layout checkpoint: the folder of `base` (configs, tokenizers) and the
+    file's tensors per diffusers part (`jaxcond.models.single_file`)."""
+    from jaxcond.models import single_file as sf
+
+    folder = resolve(base, weights=False)
+    configs = {}
+    for sub in ("unet", "vae", "text_encoder_2"):
+        if os.path.isdir(os.path.join(folder, sub)):
+            _check_part(os.path.join(folder, sub))
+            with open(os.path.join(folder, sub, "config.json")) as f:
+                configs[sub] = json.load(f)
+    if "vae" not in configs:
+        raise FileNotFoundError(f"config.model.base = {base!r} has no vae/: a single-file checkpoint is a "
+                                "latent model; give the diffusers folder or hub id of its family")
+    return folder, sf.to_parts(convert.read_safetensors([path]), configs)

@@ -1,28 +1,28 @@
 """A diffusers Flax UNet conditioned by a transformers Flax CLIP text encoder.
 
-Loaded from a diffusers-format folder (`unet/`, `text_encoder/`, `tokenizer/`) or hub id,
-with Flax or PyTorch safetensors weights (`jaxcond.models.load`): the layout of Stable
-Diffusion 1.x/2.x checkpoints and of the built-in demo model. This module is
+Loaded from a diffusers-format folder (`unet/`, `text_encoder/`, `tokenizer/`, and for
+SDXL `text_encoder_2/`, `tokenizer_2/`) or hub id, with Flax or PyTorch safetensors weights
+(`jaxcond.models.load`): the layout of Stable Diffusion 1.x/2.x and SDXL checkpoints and of
+the built-in demo model. This module is
 the only place that touches diffusers/transformers: the pins in pyproject.toml exist
 because their later releases removed these Flax classes.
 
 With a `vae/` (diffusers `FlaxAutoencoderKL`) the model is latent-space, as Stable
 Diffusion is: x0 is drawn in the step from the encoder's Gaussian and scaled by the VAE's
-`scaling_factor`. Without one (the demo) it is pixel-space. Conditioners: `text` (the
-encoder's last hidden states, for cross-attention) and, when the UNet has the SDXL-style
-`text_time` added embedding, `pooled` (the pooled caption vector).
+`scaling_factor`. Without one (the demo) it is pixel-space.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcond.models import convert, load
+from jaxcond.models import convert, load, single_file
 from jaxcond.models.family import Family, Params
 
 
@@ -41,85 +41,144 @@ def _quiet_deprecations() -> None:
 
 
 class UNetCLIP(Family):
-    """diffusers `FlaxUNet2DConditionModel` + transformers `FlaxCLIPTextModel`."""
+    """diffusers `FlaxUNet2DConditionModel` + one or two transformers CLIP text encoders.
 
-    def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1):
-        """`source`: a diffusers-format folder or hub id (jaxcond.models.load).
+    One encoder (`text_encoder/`, Stable Diffusion 1.x/2.x and the demo): conditioner
+    `text`, its hidden states; with a `text_time` UNet also `pooled` (its pooled output)
+    and `time_ids`. Two encoders (`text_encoder_2/` as well, SDXL): `text` and `text_2`
+    (concatenated for cross-attention), `pooled` (encoder 2's projection) and `time_ids`
+    (original size, crop top-left, target size: per example, from the batch).
+    """
 
-        `clip_skip`: 1 conditions on the text encoder's last layer; 2 on the penultimate
-        (normalised by the final layer norm, as diffusers' pipelines do), and so on.
+    def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1,
+                 train_text_encoder: bool = False, base: str = ""):
+        """`source`: a diffusers-format folder or hub id, or a single-file `.safetensors`
+        in the original SD 1.x / SDXL layout with `base` naming a diffusers folder or hub id
+        of its family for the configs and tokenizers (jaxcond.models.load).
+
+        `clip_skip`: one encoder: 1 = its last layer, 2 = the penultimate normalised by
+        the final layer norm (as diffusers' SD pipelines do), ... Two encoders: SDXL's
+        convention, 1 = the penultimate layer un-normalised (what SDXL was trained on),
+        2 = the one before, ...
+        `train_text_encoder`: the encoders join the trainable params.
         """
         _quiet_deprecations()
         from diffusers import FlaxUNet2DConditionModel
-        from transformers import CLIPTokenizer, FlaxCLIPTextModel
+        from transformers import CLIPTokenizer, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
-        path = load.resolve(source)
+        tensors: dict[str, dict | None] = {}
+        if os.path.isfile(source) and source.endswith(".safetensors"):
+            if not base:
+                raise FileNotFoundError(
+                    f"{source} is a single-file checkpoint, which carries no config: set config.model.base "
+                    "to a diffusers folder or hub id of its family (its weights are not read)")
+            path, tensors = load.single_file(source, base)
+        else:
+            path = load.resolve(source)
         for sub in ("unet", "text_encoder", "tokenizer"):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise FileNotFoundError(
                     f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
                     "folder with unet/, text_encoder/ and tokenizer/")
-        self.path = path
-        self.unet, unet_params = load.diffusers_part(FlaxUNet2DConditionModel, os.path.join(path, "unet"), dtype)
-        self.text_encoder, text_params = load.transformers_part(
-            FlaxCLIPTextModel, os.path.join(path, "text_encoder"), dtype)
-        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
-        self.dtype = dtype
-        self.trainable = {"unet": unet_params}
-        self.frozen = {"text_encoder": text_params}
+        self.path, self.dtype = path, dtype
+        self.unet, unet_params = load.diffusers_part(FlaxUNet2DConditionModel, os.path.join(path, "unet"), dtype,
+                                                     tensors.get("unet"))
+        self.trainable, self.frozen = {"unet": unet_params}, {}
+        self.encoders = ["text_encoder"] + (["text_encoder_2"] if os.path.isdir(os.path.join(path, "text_encoder_2"))
+                                            else [])
+        self.text_models, self.tokenizers = {}, []
+        for i, name in enumerate(self.encoders):
+            cls = FlaxCLIPTextModel if i == 0 else FlaxCLIPTextModelWithProjection
+            self.text_models[name], params = load.transformers_part(cls, os.path.join(path, name), dtype,
+                                                                    tensors.get(name))
+            (self.trainable if train_text_encoder else self.frozen)[name] = params
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(
+                os.path.join(path, "tokenizer" if i == 0 else "tokenizer_2")))
         self.latent = os.path.isdir(os.path.join(path, "vae"))
         if self.latent:
             from diffusers import FlaxAutoencoderKL
 
-            self.vae, self.frozen["vae"] = load.diffusers_part(FlaxAutoencoderKL, os.path.join(path, "vae"), dtype)
-        layers = self.text_encoder.config.num_hidden_layers
-        if not 1 <= clip_skip <= layers:
-            raise ValueError(f"clip_skip = {clip_skip}: must be in [1, {layers}] (the text encoder's layers)")
+            self.vae, self.frozen["vae"] = load.diffusers_part(FlaxAutoencoderKL, os.path.join(path, "vae"), dtype,
+                                                               tensors.get("vae"))
+        layers = min(m.config.num_hidden_layers for m in self.text_models.values())
+        if not 1 <= clip_skip < layers + (len(self.encoders) == 1):
+            raise ValueError(f"clip_skip = {clip_skip}: this model's text encoders have {layers} layers")
         self.clip_skip = clip_skip
+        self.max_length = self.tokenizers[0].model_max_length
+        if any(t.model_max_length != self.max_length for t in self.tokenizers):
+            raise FileNotFoundError(f"{path}: tokenizer/ and tokenizer_2/ have different lengths")
 
-        ucfg, tcfg = self.unet.config, self.text_encoder.config
-        self.max_length = self.tokenizer.model_max_length
-        self.conditioners = {"text": (self.max_length, tcfg.hidden_size)}
+        ucfg = self.unet.config
+        widths = [self.text_models[n].config.hidden_size for n in self.encoders]
+        self.conditioners = {"text": (self.max_length, widths[0])}
+        if len(self.encoders) == 2:
+            self.conditioners["text_2"] = (self.max_length, widths[1])
+        if ucfg.cross_attention_dim != sum(widths):
+            raise FileNotFoundError(f"{path}: the UNet attends to {ucfg.cross_attention_dim} features but the "
+                                    f"text encoders give {sum(widths)}; the parts do not belong together")
         self.uses_pooled = ucfg.addition_embed_type == "text_time"
         if self.uses_pooled:
-            self.conditioners["pooled"] = (tcfg.hidden_size,)
-            n_time_ids = (ucfg.projection_class_embeddings_input_dim - tcfg.hidden_size) // ucfg.addition_time_embed_dim
-            size = ucfg.sample_size
-            # SDXL-style micro-conditioning (original size, crop, target size); constant here
-            # because the demo renders at the training size without cropping.
-            self.time_ids = np.array([size, size, 0, 0, size, size][:n_time_ids], np.float32)
+            last = self.text_models[self.encoders[-1]].config
+            pooled = last.projection_dim if len(self.encoders) == 2 else last.hidden_size
+            n_ids = (ucfg.projection_class_embeddings_input_dim - pooled) // ucfg.addition_time_embed_dim
+            if n_ids != 6:
+                raise FileNotFoundError(f"{path}: the UNet's text_time embedding takes {n_ids} time ids; "
+                                        "jaxcond builds SDXL's 6 (original size, crop top-left, target size)")
+            self.conditioners["pooled"] = (pooled,)
+            self.conditioners["time_ids"] = (6,)
+            self.batch_conditioners = ("time_ids",)
         self.sample_shape = (ucfg.in_channels, ucfg.sample_size, ucfg.sample_size)
-        if self.latent and ucfg.in_channels != self.vae.config.latent_channels:
-            raise FileNotFoundError(f"{path}: the UNet takes {ucfg.in_channels} channels but the VAE makes "
-                                    f"{self.vae.config.latent_channels}; unet/ and vae/ do not belong together")
+        self.image_size = ucfg.sample_size
+        if self.latent:
+            if ucfg.in_channels != self.vae.config.latent_channels:
+                raise FileNotFoundError(f"{path}: the UNet takes {ucfg.in_channels} channels but the VAE makes "
+                                        f"{self.vae.config.latent_channels}; unet/ and vae/ do not belong together")
+            self.image_size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="np").input_ids
-        return ids.astype(np.int32)
+        ids = [t(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
+                 return_tensors="np").input_ids.astype(np.int32) for t in self.tokenizers]
+        return ids[0] if len(ids) == 1 else np.stack(ids, axis=1)  # [B, T] or [B, 2, T]
 
-    def encode(self, frozen: Params, tokens: jax.Array) -> dict[str, jax.Array]:
-        out = self.text_encoder(input_ids=tokens, params=frozen["text_encoder"], train=False,
-                                output_hidden_states=self.clip_skip > 1)
-        text = out.last_hidden_state
-        if self.clip_skip > 1:
-            text = self.text_encoder.module.apply(
-                {"params": frozen["text_encoder"]}, out.hidden_states[-self.clip_skip],
-                method=lambda m, h: m.text_model.final_layer_norm(h))
-        cond = {"text": text}
+    def _hidden(self, name: str, params: Params, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        model = self.text_models[name]
+        out = model(input_ids=tokens, params=params[name], train=False, output_hidden_states=True)
+        if len(self.encoders) == 2:  # SDXL: a penultimate (or earlier) layer, as is
+            return out.hidden_states[-(self.clip_skip + 1)], out
+        if self.clip_skip == 1:
+            return out.last_hidden_state, out
+        return model.module.apply({"params": params[name]}, out.hidden_states[-self.clip_skip],
+                                  method=lambda m, h: m.text_model.final_layer_norm(h)), out
+
+    def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
+        if len(self.encoders) == 1:
+            text, out = self._hidden("text_encoder", params, tokens)
+            cond = {"text": text}
+            if self.uses_pooled:
+                cond["pooled"] = out.pooler_output
+            return cond
+        text, _ = self._hidden("text_encoder", params, tokens[:, 0])
+        text_2, out = self._hidden("text_encoder_2", params, tokens[:, 1])
+        cond = {"text": text, "text_2": text_2}
         if self.uses_pooled:
-            cond["pooled"] = out.pooler_output
+            cond["pooled"] = out.text_embeds
         return cond
+
+    def sampling_conditioners(self, n: int) -> dict[str, np.ndarray]:
+        """Uncropped, at the model's size: what SDXL pipelines pass by default."""
+        if not self.uses_pooled:
+            return {}
+        s = self.image_size
+        return {"time_ids": np.tile(np.array([s, s, 0, 0, s, s], np.float32), (n, 1))}
 
     def denoise(self, trainable: Params, x_t: jax.Array, t: jax.Array,
                 cond: Mapping[str, jax.Array]) -> jax.Array:
         added = None
         if self.uses_pooled:
-            b = x_t.shape[0]
-            added = {"text_embeds": cond["pooled"],
-                     "time_ids": jnp.broadcast_to(jnp.asarray(self.time_ids), (b, self.time_ids.size))}
+            added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+        context = cond["text"] if "text_2" not in cond else jnp.concatenate([cond["text"], cond["text_2"]], -1)
         out = self.unet.apply({"params": trainable["unet"]}, x_t.astype(self.dtype), t,
-                              cond["text"].astype(self.dtype), added_cond_kwargs=added, train=False)
+                              context.astype(self.dtype), added_cond_kwargs=added, train=False)
         return out.sample.astype(jnp.float32)
 
     def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
@@ -153,14 +212,25 @@ class UNetCLIP(Family):
 
     def save(self, path: str, trainable: Params) -> None:
         """A diffusers-format folder: every part in Flax and PyTorch safetensors layouts."""
-        parts = [("unet", self.unet, trainable["unet"], "diffusion_pytorch_model"),
-                 ("text_encoder", self.text_encoder, self.frozen["text_encoder"], "model")]
+        params = {**self.frozen, **trainable}
+        parts = [("unet", self.unet, "diffusion_pytorch_model")]
+        parts += [(name, self.text_models[name], "model") for name in self.encoders]
         if self.latent:
-            parts.append(("vae", self.vae, self.frozen["vae"], "diffusion_pytorch_model"))
-        for sub, model, params, stem in parts:
+            parts.append(("vae", self.vae, "diffusion_pytorch_model"))
+        for sub, model, stem in parts:
             folder = os.path.join(path, sub)
-            params = jax.device_get(params)
-            model.save_pretrained(folder, params=params)
-            convert.write_safetensors(os.path.join(folder, f"{stem}.safetensors"), convert.to_pytorch(params),
+            weights = jax.device_get(params[sub])
+            model.save_pretrained(folder, params=weights)
+            convert.write_safetensors(os.path.join(folder, f"{stem}.safetensors"), convert.to_pytorch(weights),
                                       metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        for i, tok in enumerate(self.tokenizers):
+            tok.save_pretrained(os.path.join(path, "tokenizer" if i == 0 else "tokenizer_2"))
+
+    def save_single_file(self, path: str, trainable: Params) -> None:
+        """One `.safetensors` in the original SD 1.x / SDXL layout (latent models only)."""
+        if not self.latent:
+            raise ValueError("a single-file checkpoint holds a VAE (first_stage_model); this model has none")
+        params = jax.device_get({**self.frozen, **trainable})
+        parts = {sub: convert.to_pytorch(params[sub]) for sub in ["unet", "vae", *self.encoders]}
+        configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config)}
+        convert.write_safetensors(path, single_file.from_parts(parts, configs), metadata={"format": "pt"})

@@ -1,0 +1,41 @@
+"""`jaxcond sample`: a PNG grid (prompts x guidance scales) from a trained run.
+
+The same sampler as the validation grids during training (`jaxcond.sampling`), on the
+run's EMA (or raw) weights, with the nulls the run trained: no dropout, ever.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxcond import train
+from jaxcond.config import ConfigError
+from jaxcond.data import demo as demo_data
+from jaxcond.sampling import SCHEDULERS, sample_grid
+
+
+def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
+             seed: int = 0, scheduler: str = "ddim", negative: str | None = None, weights: str = "ema",
+             step: int | None = None, out: str | None = None) -> str:
+    """Writes the grid of `prompts` (rows) x `guidance` (columns); returns its path."""
+    if not prompts:
+        raise ConfigError("--prompt: give at least one prompt")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler {scheduler!r}: use one of {SCHEDULERS}")
+    if steps < 1 or any(g < 0 for g in guidance) or not guidance:
+        raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
+    t = train.load_trained(workdir, step)
+    if weights == "ema" and "ema" not in t.state:
+        raise ConfigError("--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
+    params = t.state["ema" if weights == "ema" else "params"]
+    frozen = jax.device_put(t.family.frozen)
+    images = np.asarray(sample_grid(t.family, t.spec, params, frozen, list(prompts), list(guidance), seed, steps,
+                                    scheduler, negative=None if negative is None else [negative] * len(prompts)))
+    out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
+    demo_data.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
+                        row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])
+    return out
