@@ -154,12 +154,13 @@ def _main(argv: list[str], command: str) -> None:
     log.propagate = False
     from jaxcond.config import ConfigError
     from jaxcond.data.files import DataError
+    from jaxcond.models.convert import WeightsMismatch
 
     try:
         {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
          "sample": _sample}[command]()
-    except (ConfigError, DataError, FileNotFoundError, NotImplementedError) as e:
-        # Bad configs and model folders are the user's to fix: the message, not a traceback.
+    except (ConfigError, DataError, FileNotFoundError, NotImplementedError, WeightsMismatch) as e:
+        # Bad configs, model folders and weights are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")
 
 

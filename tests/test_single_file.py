@@ -3,11 +3,14 @@ without torch, and checked against diffusers' own converter of that layout."""
 
 import copy
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from conftest import ROOT
 from jaxcond import config as config_lib
 from jaxcond.models import convert, demo as demo_model, single_file
 from jaxcond.models.unet_clip import UNetCLIP
@@ -96,6 +99,10 @@ def test_single_file_errors(models, tmp_path):
     convert.write_safetensors(extra, tensors)
     with pytest.raises(convert.WeightsMismatch, match=r"1 tensors that fit no part.*input_blocks.99.0.weight"):
         UNetCLIP(extra, base=folder)
+    r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "train", "--config", "configs/demo.py",
+                        "--workdir", str(tmp_path / "run"), f"--config.model.source={extra}",
+                        f"--config.model.base={folder}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "fit no part" in r.stderr, r.stderr[-2000:]
     del tensors["model.diffusion_model.input_blocks.99.0.weight"]
     del tensors["first_stage_model.quant_conv.bias"]
     missing = str(tmp_path / "missing.safetensors")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcond.config import ConfigError
 from jaxcond.models import convert, load, single_file
 from jaxcond.models.family import Family, Params
 
@@ -102,7 +103,8 @@ class UNetCLIP(Family):
                                                                tensors.get("vae"))
         layers = min(m.config.num_hidden_layers for m in self.text_models.values())
         if not 1 <= clip_skip < layers + (len(self.encoders) == 1):
-            raise ValueError(f"clip_skip = {clip_skip}: this model's text encoders have {layers} layers")
+            raise ConfigError(f"config.model.clip_skip = {clip_skip}: this model's text encoders have {layers} "
+                              "layers; use 1 (the last) up to their count")
         self.clip_skip = clip_skip
         self.max_length = self.tokenizers[0].model_max_length
         if any(t.model_max_length != self.max_length for t in self.tokenizers):
