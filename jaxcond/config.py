@@ -206,7 +206,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _int_at_least("loader.processes", cfg.loader.processes, 0)
     _check(all(g >= 0 for g in cfg.sample.guidance), "sample.guidance", cfg.sample.guidance,
            "scales must be >= 0")
-    _one_of("sample.scheduler", cfg.sample.scheduler, ("ddim", "euler_a", "dpm++"))
+    from jaxcond.sampling import SCHEDULERS
+
+    _one_of("sample.scheduler", cfg.sample.scheduler, SCHEDULERS)
 
 
 # Fields whose change alters which examples, masks or noise a step sees: a resumed run

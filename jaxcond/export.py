@@ -20,7 +20,6 @@ from jaxcond.config import ConfigError
 from jaxcond.models import convert
 from jaxcond.models.family import Family
 
-WEIGHTS = ("ema", "raw")
 MANIFEST = "jaxcond.json"
 _DIFFUSERS_VERSION = "0.39.0"
 
@@ -59,19 +58,15 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
            single_file: bool = False) -> dict:
     """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest.
     `single_file` adds `<out>/<name of out>.safetensors` in the original SD layout."""
-    if weights not in WEIGHTS:
-        raise ConfigError(f"--weights {weights!r}: use one of {WEIGHTS}")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise FileExistsError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
                               "choose a new or empty folder")
     t = train.load_trained(workdir, step)
-    if weights == "ema" and "ema" not in t.state:
-        raise ConfigError("--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
-    params = jax.device_get(t.state["ema" if weights == "ema" else "params"])
-    os.makedirs(out, exist_ok=True)
+    params = jax.device_get(t.params(weights))
     if single_file and not t.family.latent:
         raise ConfigError("--single_file: the original single-file layout holds a VAE, and this model is "
                           "pixel-space; export without --single_file")
+    os.makedirs(out, exist_ok=True)
     t.family.save(out, params["model"])
     name = None
     if single_file:

@@ -29,9 +29,7 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
     if steps < 1 or any(g < 0 for g in guidance) or not guidance:
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
     t = train.load_trained(workdir, step)
-    if weights == "ema" and "ema" not in t.state:
-        raise ConfigError("--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
-    params = t.state["ema" if weights == "ema" else "params"]
+    params = t.params(weights)
     frozen = jax.device_put(t.family.frozen)
     images = np.asarray(sample_grid(t.family, t.spec, params, frozen, list(prompts), list(guidance), seed, steps,
                                     scheduler, negative=None if negative is None else [negative] * len(prompts)))

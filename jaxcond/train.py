@@ -158,6 +158,15 @@ class Trained:
     state: Any
     step: int
 
+    def params(self, weights: str) -> Any:
+        """The trained params to use: "ema" (the averaged ones) or "raw"."""
+        if weights not in ("ema", "raw"):
+            raise config_lib.ConfigError(f"--weights {weights!r}: use 'ema' or 'raw'")
+        if weights == "ema" and "ema" not in self.state:
+            raise config_lib.ConfigError(
+                "--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
+        return self.state["ema" if weights == "ema" else "params"]
+
 
 def load_trained(workdir: str, step: int | None = None) -> Trained:
     """The newest checkpoint of run `workdir` (or that of `step`), restored on one device."""
