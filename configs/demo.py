@@ -136,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"  # bfloat16 halves activation memory on TPU/GPU.
     c.train.log_every = 25  # Steps between TensorBoard scalars.
     c.train.sample_every = 1000  # Steps between sample grids (0: only at the end); each costs ~15 s here.
+    # Updates with a non-finite loss or gradient are skipped (params, optimizer state and EMA
+    # unchanged) and counted; past this many the run checkpoints and stops. -1: never stop.
+    c.train.max_skipped_updates = 10
 
     # --- Devices -----------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()

@@ -5,17 +5,50 @@ state, EMA), `config` (JSON) and `data` (JSON: the loader's position, which is t
 step, and a fingerprint of the training set so a resume notices changed data). Nothing else is needed to continue exactly: the
 masks, noise, timesteps and data order are pure functions of (config, step), and
 frozen params are reloaded from the model source.
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
+process killed mid-write (even SIGKILL) leaves the previous checkpoints intact and a
+partial folder that `Checkpoints` reports and removes on the next start.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("jaxcond")
+PARTIAL_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still being written
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit the run; the message says what to do."""
+
+
+def partial_checkpoints(directory: str) -> list[str]:
+    """Folders of checkpoints whose writing never finished (the process died first)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if PARTIAL_MARK in n)
+
+
+def _key(entry: Any) -> str:
+    # Orbax's metadata turns optimizer namedtuples into dicts: compare names, not key kinds.
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {"/".join(_key(k) for k in path): (tuple(x.shape), str(x.dtype))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def config_to_json(cfg: ml_collections.ConfigDict) -> dict:
@@ -26,13 +59,22 @@ def config_to_json(cfg: ml_collections.ConfigDict) -> dict:
 class Checkpoints:
     """A thin wrapper over ocp.CheckpointManager fixing jaxcond's layout and policy."""
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps, max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "config", "data"))
+        self.partial = partial_checkpoints(self.directory)
+        if self.partial and not read_only and jax.process_index() == 0:
+            log.warning("ignoring %d partial checkpoint(s) in %s, left by a process that died while "
+                        "writing them: %s", len(self.partial), self.directory, ", ".join(self.partial))
+            for name in self.partial:  # Orbax never reads them; only process 0 deletes
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        options = (ocp.CheckpointManagerOptions(read_only=True, create=False) if read_only else
+                   ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
+                                                create=True, enable_async_checkpointing=async_save))
+        # Handlers named up front, so a fresh manager can also read a checkpoint's metadata.
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -42,11 +84,17 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, cfg: ml_collections.ConfigDict, data: dict, *,
              force: bool = False) -> bool:
-        """Starts saving (asynchronously if configured); True if a save was started."""
-        return self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(config_to_json(cfg)),
-            data=ocp.args.JsonSave(data)), force=force)
+        """Starts saving (asynchronously if configured); True if a save was started.
+
+        A failed write, this one's or the previous asynchronous one's, raises
+        CheckpointError; the checkpoints completed before it stay intact."""
+        try:
+            return self._mgr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(config_to_json(cfg)),
+                data=ocp.args.JsonSave(data)), force=force)
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for I/O errors
+            raise self._write_error(e) from e
 
     def saved_config(self, step: int) -> dict:
         return self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -54,17 +102,53 @@ class Checkpoints:
     def saved_data(self, step: int) -> dict:
         return self._mgr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
+    def complete_steps(self) -> list[int]:
+        """Steps whose checkpoint folder is on disk and finished (read from disk, not from
+        the manager's memory, which also lists a save still being written)."""
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _write_error(self, e: Exception) -> CheckpointError:
+        done = self.complete_steps()
+        return CheckpointError(
+            f"writing a checkpoint into {self.directory} failed ({type(e).__name__}: {e}). "
+            + (f"The newest complete checkpoint, step {max(done)}, is intact: free space or fix the "
+               "directory, then rerun the same command to resume from it."
+               if done else "No earlier checkpoint exists: free space or fix the directory and rerun."))
+
+    def shape_conflicts(self, step: int, target: Any) -> list[str]:
+        """Arrays of the saved `state` whose path, shape or dtype differ from `target`'s
+        (the model or optimizer changed in code since the checkpoint was written)."""
+        saved = _shapes(self._mgr.item_metadata(step)["state"].tree)
+        now = _shapes(target)
+        out = [f"{p}: checkpoint has {saved[p][0]} {saved[p][1]}, the run now {now[p][0]} {now[p][1]}"
+               for p in sorted(saved.keys() & now.keys()) if saved[p] != now[p]]
+        out += [f"{p}: in the checkpoint, not in the run now" for p in sorted(saved.keys() - now.keys())]
+        out += [f"{p}: in the run now, not in the checkpoint" for p in sorted(now.keys() - saved.keys())]
+        return out
+
     def restore(self, step: int, target: Any) -> Any:
         """Restores `state` onto the shapes, dtypes and shardings of `target` (arrays or
         jax.ShapeDtypeStruct with .sharding), so it can land on a different mesh."""
+        conflicts = self.shape_conflicts(step, target)
+        if conflicts:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not fit this run's state ("
+                f"{len(conflicts)} arrays differ; the model or optimizer changed since it was written):\n  "
+                + "\n  ".join(conflicts[:20]) + ("\n  ..." if len(conflicts) > 20 else "")
+                + "\nRestore the code/config the run was trained with, or start a new --workdir.")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
         return self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
 
     def wait(self) -> None:
-        self._mgr.wait_until_finished()
+        """Blocks until the asynchronous save in flight is on disk (CheckpointError if it failed)."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see save()
+            raise self._write_error(e) from e
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
+        self.wait()
         self._mgr.close()

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "masks", "cache", "shards", "export", "sample")
+COMMANDS = ("train", "masks", "cache", "shards", "export", "sample", "verify")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
@@ -19,6 +19,7 @@ commands:
   shards  write a folder/metadata source as ArrayRecord shards into --shards_out
   export  write run --workdir as a diffusers-format folder (Flax + PyTorch) into --out
   sample  a PNG grid of --prompt x --guidance from run --workdir (or --run)
+  verify  check run --run's logged masks against its config and that its checkpoint restores
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
@@ -27,6 +28,7 @@ examples:
   jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
   jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \
       --steps 50 --seed 0 [--scheduler ddim|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
+  jaxcond verify --run runs/demo
 """
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (Python, get_config()).",
@@ -139,10 +141,23 @@ def _sample() -> None:
     print(f"samples: {path}")
 
 
+def _verify() -> None:
+    from jaxcond.verify import verify
+
+    if not _WORKDIR.value:
+        raise app.UsageError("verify needs --run DIR (a run directory)")
+    problems = verify(_WORKDIR.value)
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    if problems:
+        sys.exit(1)
+    print(f"verify: {_WORKDIR.value} is consistent")
+
+
 def _main(argv: list[str], command: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None and command not in ("export", "sample"):  # these read the run's config
+    if _CONFIG.value is None and command not in ("export", "sample", "verify"):  # these read the run's config
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     # Orbax and absl log every checkpoint step at INFO; users need only jaxcond's own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -152,14 +167,17 @@ def _main(argv: list[str], command: str) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    from jaxcond.checkpoint import CheckpointError
     from jaxcond.config import ConfigError
     from jaxcond.data.files import DataError
     from jaxcond.models.convert import WeightsMismatch
+    from jaxcond.train import NonFiniteError
 
     try:
         {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
-         "sample": _sample}[command]()
-    except (ConfigError, DataError, FileNotFoundError, NotImplementedError, WeightsMismatch) as e:
+         "sample": _sample, "verify": _verify}[command]()
+    except (ConfigError, DataError, FileNotFoundError, NotImplementedError, WeightsMismatch,
+            CheckpointError, NonFiniteError) as e:
         # Bad configs, model folders and weights are the user's to fix: the message, not a traceback.
         sys.exit(f"jaxcond {command}: {e}")
 

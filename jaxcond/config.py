@@ -126,6 +126,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _one_of("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
     _int_at_least("train.log_every", t.log_every, 1)
     _int_at_least("train.sample_every", t.sample_every, 0)
+    _int_at_least("train.max_skipped_updates", t.max_skipped_updates, -1)
     sizes = mesh_shape(cfg, num_devices)
     shards = sizes["data"] * sizes["fsdp"]
     _int_at_least("mesh.dcn_data", cfg.mesh.dcn_data, 1)

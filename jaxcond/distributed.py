@@ -61,6 +61,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     if coordinator_address and (num_processes is None or process_id is None):
         raise ValueError("--coordinator_address needs --num_processes and --process_id "
                          "(the same address, count and a distinct id on every process)")
+    # Preemption notices (SIGTERM) reach every process through this service, which picks
+    # the step all of them checkpoint (jaxcond.preemption); set, not left to a default.
+    jax.config.update("jax_enable_preemption_service", True)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     log.info("joined %s as process %d of %d (%s)", "the JAX runtime", jax.process_index(),
              jax.process_count(), reason or "JAX's environment detection")

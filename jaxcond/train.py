@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +26,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jaxcond import checkpoint, config as config_lib, masks as masks_lib, sharding
+from jaxcond import checkpoint, config as config_lib, masks as masks_lib, preemption, sharding
 from jaxcond import train_step as ts
 from jaxcond.data import demo as demo_data, pipeline
 from jaxcond.models import demo as demo_model
@@ -170,8 +171,9 @@ class Trained:
 
 def load_trained(workdir: str, step: int | None = None) -> Trained:
     """The newest checkpoint of run `workdir` (or that of `step`), restored on one device."""
+    # Read-only: a run still training may be writing into the same folder.
     ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
-                                   async_save=False)
+                                   async_save=False, read_only=True)
     steps = ckpts.all_steps()
     if not steps:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; is {workdir!r} a run "
@@ -305,52 +307,108 @@ class RunLog:
             print(f"samples: {os.path.join(self.workdir, 'samples_final.png')}")
 
 
+class NonFiniteError(RuntimeError):
+    """Too many updates had a non-finite loss or gradient; the last good state is saved."""
+
+
+def prepare_run_dir(workdir: str) -> None:
+    """Creates `workdir` and proves it writable before anything expensive starts."""
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise checkpoint.CheckpointError(
+            f"the run directory {workdir!r} is not writable ({e.strerror or e}): choose another "
+            "--workdir or fix its permissions/space") from None
+
+
+def check_free_space(workdir: str, state: Any) -> None:
+    """Refuses to start when the disk cannot hold even one checkpoint of `state`."""
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise checkpoint.CheckpointError(
+            f"{workdir!r} has {free / 2**20:.0f} MiB free but one checkpoint of this run takes about "
+            f"{need / 2**20:.0f} MiB (config.checkpoint.keep = n keeps n of them): free space or "
+            "choose another --workdir")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
           progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Runs (or resumes) training to cfg.train.steps.
 
     Returns the logged metrics of every `log_every`-th step (`history`), the last
-    adherence scores and the final state. `stop_at` ends the process after that step
-    with a checkpoint, as an interruption would (the run itself still aims at
+    adherence scores, the final state and `stopped`: None, or the signal (SIGTERM,
+    SIGINT) that ended the run early with a checkpoint. `stop_at` ends the process after
+    that step with a checkpoint, as an interruption would (the run itself still aims at
     cfg.train.steps: schedules are unchanged, and a later call continues it).
+    Raises NonFiniteError, after checkpointing, once more than
+    cfg.train.max_skipped_updates updates were skipped for non-finite numbers.
     Every process of a multi-host run calls this with the same arguments.
     """
-    os.makedirs(workdir, exist_ok=True)
-    run = build(cfg, workdir)
-    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                   every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
-                                   async_save=cfg.checkpoint.async_save)
-    state = restore_or_init(run, ckpts, allow_config_change)
-    start = int(state["step"])
-    if is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(checkpoint.config_to_json(cfg), f, indent=2)
-        log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
-            run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,
-            cfg.train.steps, sum(x.size for x in jax.tree.leaves(state["params"])))
-    runlog = RunLog(run, workdir, start)
-
-    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-    bar = tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main_process()),
-                    unit="step", dynamic_ncols=True)
-    history, scores = [], {}
-    for step, batch in run.batches(start, end):
-        state, m = run.step_fn(state, run.frozen, batch)
-        runlog.step(step, m)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == end:
-            scalars = runlog.flush(done, m)
-            history.append({"step": done, **scalars})
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
-                            ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
-        bar.update(1)
-        if done % cfg.checkpoint.every_steps == 0 or done == end:
-            ckpts.save(done, state, cfg, run.data.state(done), force=True)
-        every = cfg.train.sample_every
-        if done == cfg.train.steps or (every and done % every == 0):
-            grid, scores = evaluate(run, state)
-            runlog.samples(done, done == cfg.train.steps, grid, scores)
-    bar.close()
-    ckpts.close()
-    runlog.close(scores)
-    return {"history": history, "scores": scores, "state": state}
+    prepare_run_dir(workdir)
+    with preemption.StopRequests() as stop:  # from here on, SIGTERM/Ctrl-C end the run cleanly
+        run = build(cfg, workdir)
+        ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                       every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
+                                       async_save=cfg.checkpoint.async_save)
+        state = restore_or_init(run, ckpts, allow_config_change)
+        check_free_space(workdir, state)
+        start = int(state["step"])
+        if is_main_process():
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(checkpoint.config_to_json(cfg), f, indent=2)
+            log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
+                run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,
+                cfg.train.steps, sum(x.size for x in jax.tree.leaves(state["params"])))
+        runlog = RunLog(run, workdir, start)
+        # A stop requested while compiling or restoring: nothing new to save (one process;
+        # several agree on a step inside the loop).
+        end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+        end = start if jax.process_count() == 1 and stop.signal_name else end
+        bar = tqdm.tqdm(total=cfg.train.steps, initial=start,
+                        disable=not (progress and is_main_process()), unit="step", dynamic_ncols=True)
+        history, scores = [], {}
+        limit = cfg.train.max_skipped_updates
+        for step, batch in run.batches(start, end):
+            state, m = run.step_fn(state, run.frozen, batch)
+            runlog.step(step, m)
+            done = step + 1
+            interrupted = stop.should_stop(done)
+            if done % cfg.train.log_every == 0 or done == end or interrupted:
+                scalars = runlog.flush(done, m)
+                history.append({"step": done, **scalars})
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
+                                ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
+                # Checked at log steps only: reading the counter every step would stall the device.
+                if 0 <= limit < scalars["skipped_updates"]:
+                    ckpts.save(done, state, cfg, run.data.state(done), force=True)
+                    ckpts.close()
+                    bar.close()
+                    raise NonFiniteError(
+                        f"{int(scalars['skipped_updates'])} updates had a non-finite loss or gradient "
+                        f"(config.train.max_skipped_updates = {limit}); none of them changed the "
+                        f"params. Stopped at step {done} with a checkpoint of the last good params. "
+                        "Lower config.optim.lr, check the data or use float32 compute; to go on "
+                        "anyway, rerun with a higher config.train.max_skipped_updates.")
+            bar.update(1)
+            if done % cfg.checkpoint.every_steps == 0 or done == end or interrupted:
+                ckpts.save(done, state, cfg, run.data.state(done), force=True)
+            if interrupted:
+                break
+            every = cfg.train.sample_every
+            if done == cfg.train.steps or (every and done % every == 0):
+                grid, scores = evaluate(run, state)
+                runlog.samples(done, done == cfg.train.steps, grid, scores)
+        bar.close()
+        ckpts.close()
+        runlog.close(scores)
+    if stop.signal_name and is_main_process():
+        saved = (f"with a checkpoint in {ckpts.directory}" if int(state["step"]) > start
+                 else "before its first step (nothing new to save)")
+        print(f"jaxcond: stopped by {stop.signal_name} at step {int(state['step'])} {saved}; run the "
+              "same command again to resume.", flush=True)
+    return {"history": history, "scores": scores, "state": state, "stopped": stop.signal_name}

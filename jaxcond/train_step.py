@@ -8,7 +8,10 @@ Per step, in this order:
    positions p with p % grad_accum == a (so each stays spread over all devices);
 3. per micro-batch: encode captions, replace dropped conditioners by their nulls,
    noise the images, predict, weighted MSE; gradients are averaged over micro-batches;
-4. one optimizer update, then the EMA.
+4. one optimizer update, then the EMA, unless the loss or a gradient is not finite:
+   then params, optimizer state and EMA stay as they were and `skipped` counts it.
+The step counter advances either way, so step s always draws step s's masks, noise,
+timesteps and batch: a skipped update loses that batch, it never shifts later ones.
 Nothing here reads a clock, a file or a global RNG.
 """
 
@@ -94,7 +97,8 @@ def init_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     params = {"model": family.trainable,
               "nulls": {name: empty[name][0] for name, kind in spec.nulls if kind == "learned"}}
     params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "skipped": jnp.zeros((), jnp.int32)}
     if spec.ema_decay > 0:
         state["ema"] = jax.tree.map(jnp.copy, params)
     return state
@@ -188,16 +192,23 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(body, zero, micro)
         loss, grads = jax.tree.map(lambda x: x / a, (loss, grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep(new_tree: Any, old_tree: Any) -> Any:  # a non-finite step changes nothing
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_tree, old_tree)
+
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    new = {"step": step + 1, "params": new_params, "opt_state": opt_state}
+    new_params = keep(optax.apply_updates(params, updates), params)
+    new = {"step": step + 1, "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
+           "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32)}
     if "ema" in state:
         # Warm-up (as in diffusers' EMAModel): early averages would otherwise be dominated
         # by the initial weights for thousands of steps.
         n = step.astype(jnp.float32)
         decay = jnp.minimum(spec.ema_decay, (1.0 + n) / (10.0 + n))
-        new["ema"] = optax.incremental_update(new_params, state["ema"], 1.0 - decay)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(step)}
+        new["ema"] = keep(optax.incremental_update(new_params, state["ema"], 1.0 - decay), state["ema"])
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(step), "skipped_updates": new["skipped"]}
     for g in spec.groups if spec.with_dropout else ():
         metrics[f"drop_frac/{g.name}"] = jnp.mean(r["masks"][g.name].astype(jnp.float32))
         metrics[f"drop_rate/{g.name}"] = dropout.group_rate(g, step, spec.steps_per_epoch)
