@@ -11,7 +11,7 @@ real size (16x16 images, global batch 32, UNet (32, 64)):
 
 Each variant is compiled and warmed up first; then rounds time `--steps` consecutive
 steps per variant (ended by jax.block_until_ready), interleaved (the first variant
-rotating each round) so a busy machine slows all of them alike. All variants use the same
+rotating each round) so a busy machine slows all of them alike (benchmarks/timing.py). All variants use the same
 pre-put batches and each has its own state (the step donates it). Printed: per-step
 medians over rounds, ratios of medians, and the median/min/max of the per-round ratios
 (the per-round median is the robust one when the machine's load changes mid-run).
@@ -46,35 +46,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 
 from configs import demo  # noqa: E402
 from jaxcond import train, train_step as ts  # noqa: E402
+from timing import Variant, interleave, print_table, ratio  # noqa: E402  (benchmarks/timing.py)
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/absl info lines would clutter the table
-
-
-@dataclasses.dataclass
-class Variant:
-    fn: Callable
-    state: Any
-    frozen: Any
-    batches: list[dict[str, jax.Array]]
-    times: list[float] = dataclasses.field(default_factory=list)
-
-    def steps(self, n: int) -> float:
-        """Seconds per step over n consecutive steps (state is donated: always rebind it)."""
-        t0 = time.perf_counter()
-        for i in range(n):
-            self.state, m = self.fn(self.state, self.frozen, self.batches[i % len(self.batches)])
-        jax.block_until_ready((self.state, m))
-        return (time.perf_counter() - t0) / n
 
 
 def main(workdir: str) -> None:
@@ -86,38 +66,24 @@ def main(workdir: str) -> None:
     sharded_batches = [run.put_batch(i) for i in range(args.steps)]  # as the train loop puts them
     plain_batches = [jax.device_put(jax.device_get(b), dev0) for b in sharded_batches]
     plain_fn = jax.jit(functools.partial(ts.train_step, run.family, run.spec, run.tx, run.lr))
+    frozen0 = jax.device_put(run.frozen, dev0)
+    nodrop_fn = run.jit_step(dataclasses.replace(run.spec, with_dropout=False))
     variants = {
-        "sharded": Variant(run.step_fn, run.initial_state(), run.frozen, sharded_batches),
-        "plain": Variant(plain_fn, jax.device_put(run.initial_state(), dev0),
-                         jax.device_put(run.frozen, dev0), plain_batches),
-        "nodrop": Variant(run.jit_step(dataclasses.replace(run.spec, with_dropout=False)),
-                          run.initial_state(), run.frozen, sharded_batches),
+        "sharded": Variant(lambda s, b: run.step_fn(s, run.frozen, b), run.initial_state(), sharded_batches),
+        "plain": Variant(lambda s, b: plain_fn(s, frozen0, b), jax.device_put(run.initial_state(), dev0),
+                         plain_batches),
+        "nodrop": Variant(lambda s, b: nodrop_fn(s, run.frozen, b), run.initial_state(), sharded_batches),
     }
-    for v in variants.values():  # compile + warm up; not timed
-        v.steps(2)
-    cache = {k: v.fn._cache_size() for k, v in variants.items()}
-    names = list(variants)
-    for r in range(args.repeats):
-        # Short rounds, first variant rotating: a load change hits all variants alike.
-        for k in names[r % 3:] + names[:r % 3]:
-            variants[k].times.append(variants[k].steps(args.steps))
-    # A growing jit cache would mean a recompile inside the timed loop.
-    recompiled = {k: v.fn._cache_size() - cache[k] for k, v in variants.items()}
+    interleave(variants, args.repeats, args.steps)
 
     print(f"\ndemo config: {cfg.data.resolution}x{cfg.data.resolution}, batch {cfg.train.global_batch}, "
           f"UNet {tuple(cfg.model.demo.unet_channels)}; sharded/nodrop on {len(devices)} device(s) "
           f"mesh {dict(run.mesh.shape)}, plain on 1; {args.repeats} rounds x {args.steps} steps")
-    print(f"{'variant':<8} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'recompiles':>10}")
-    for k, v in variants.items():
-        print(f"{k:<8} {1e3 * statistics.median(v.times):>10.1f} {1e3 * min(v.times):>8.1f} "
-              f"{1e3 * max(v.times):>8.1f} {recompiled[k]:>10d}")
+    print_table(variants)
     for a, b, target in (("sharded", "plain", 1.05), ("sharded", "nodrop", 1.02)):
-        ta, tb = variants[a].times, variants[b].times
-        ratio = statistics.median(ta) / statistics.median(tb)
-        per_round = [x / y for x, y in zip(ta, tb)]
-        goal = f"target <= {target}: {'met' if ratio <= target else 'MISSED'}" if args.devices == 1 else "report only"
-        print(f"{a}/{b}: {ratio:.3f} (per-round ratios: median {statistics.median(per_round):.3f}, "
-              f"min {min(per_round):.3f}, max {max(per_round):.3f}; {goal})")
+        r, text = ratio(variants[a].times, variants[b].times)
+        goal = f"target <= {target}: {'met' if r <= target else 'MISSED'}" if args.devices == 1 else "report only"
+        print(f"{a}/{b}: {text}; {goal}")
 
 
 if __name__ == "__main__":
