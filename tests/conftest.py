@@ -2,8 +2,10 @@
 compilation cache inside the checkout, so repeated compiles (also in subprocesses) are cheap."""
 
 import copy
+import dataclasses
 import os
 import pathlib
+import shutil
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "jax"
@@ -59,6 +61,50 @@ def config(model_dir) -> ml_collections.ConfigDict:
     c = tiny_config()
     c.model.source = model_dir
     return c
+
+
+@pytest.fixture(scope="session")
+def run_config(config) -> ml_collections.ConfigDict:
+    """The config of the session's shared training runs (below): `config` with a caption
+    dropout rate high enough that every step drops several positions. Tests that compile
+    its train step on 8 devices share one compiled program (the persistent cache)."""
+    c = copy.deepcopy(config)
+    c.dropout.groups.caption.rate = 0.4
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished `train()` call: its workdir (read it, never write into it: other tests
+    share it; copy it first to resume) and what `train()` returned."""
+
+    workdir: pathlib.Path
+    out: dict
+
+    def copy_to(self, dest) -> pathlib.Path:
+        shutil.copytree(self.workdir, dest)
+        return pathlib.Path(dest)
+
+
+@pytest.fixture(scope="session")
+def reference_run(run_config, tmp_path_factory) -> TrainedRun:
+    """`run_config` trained uninterrupted to step 8 (checkpoints at 4 and 8, final samples),
+    once per session: the reference of the resume tests, and the run that export, sampling
+    and the masks log are checked on."""
+    from jaxcond import train as train_lib
+
+    workdir = tmp_path_factory.mktemp("reference_run")
+    return TrainedRun(workdir, train_lib.train(run_config, str(workdir), progress=False))
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(run_config, tmp_path_factory) -> TrainedRun:
+    """The same run stopped after step 4 and its checkpoint, as an interruption would leave
+    it. Tests resume from a copy (`copy_to`)."""
+    from jaxcond import train as train_lib
+
+    workdir = tmp_path_factory.mktemp("interrupted_run")
+    return TrainedRun(workdir, train_lib.train(run_config, str(workdir), progress=False, stop_at=4))
 
 
 @pytest.fixture(scope="session")

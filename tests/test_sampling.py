@@ -1,7 +1,6 @@
 """Schedulers (parity with diffusers' PyTorch schedulers on the same timesteps), negative
 prompts, and `jaxcond sample`."""
 
-import copy
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from jaxcond import diffusion, sampling, train as train_lib
+from jaxcond import diffusion, sampling
 from jaxcond.generate import generate
 from jaxcond.models.family import Family
 from jaxcond.train_step import StepSpec
@@ -116,19 +115,17 @@ def test_negative_prompt_replaces_the_null_in_the_unconditional_branch(config, f
     assert not np.array_equal(null, neg)  # guidance 0 = the unconditional branch alone
 
 
-def test_sample_command_writes_a_labelled_grid(config, tmp_path):
-    cfg = copy.deepcopy(config)
-    cfg.train.steps, cfg.checkpoint.async_save = 2, False
-    train_lib.train(cfg, str(tmp_path / "run"), progress=False)
+def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
+    run = reference_run.workdir  # only read: the grids go to tmp_path
     out = tmp_path / "grid.png"
-    cmd = [sys.executable, "-m", "jaxcond.cli", "sample", "--run", str(tmp_path / "run"),
+    cmd = [sys.executable, "-m", "jaxcond.cli", "sample", "--run", str(run),
            "--prompt", "a red circle on a blue background", "--prompt", "a green square on a black background",
            "--guidance", "1,3", "--steps", "3", "--seed", "5", "--scheduler", "dpm++", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     first = np.asarray(Image.open(out))
     assert first.shape[0] > 2 * 16 * 4 and first.shape[1] > 2 * 16 * 4  # 2x2 tiles at 4x, plus labels
-    again = generate(str(tmp_path / "run"), ["a red circle on a blue background", "a green square on a black background"],
+    again = generate(str(run), ["a red circle on a blue background", "a green square on a black background"],
                      [1.0, 3.0], steps=3, seed=5, scheduler="dpm++", out=str(tmp_path / "again.png"))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again)))  # deterministic from the seed
     bad = subprocess.run(cmd[:4] + ["--prompt", "x", "--scheduler", "heun"], cwd=ROOT, capture_output=True, text=True)

@@ -100,28 +100,26 @@ def _jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_resume_onto_a_different_mesh(config, tmp_path):
+def test_resume_onto_a_different_mesh(run_config, reference_run, interrupted_run, tmp_path):
     """Checkpoint on data=8, resume on data=2 x fsdp=4: same masks, same run."""
-    ref = train_lib.train(config, str(tmp_path / "ref"), progress=False)
-    train_lib.train(config, str(tmp_path / "moved"), progress=False, stop_at=4)
-    moved = copy.deepcopy(config)
+    ref = reference_run.out  # data=8 throughout
+    workdir = interrupted_run.copy_to(tmp_path / "moved")  # data=8, checkpoint at step 4
+    moved = copy.deepcopy(run_config)
     moved.mesh.data, moved.mesh.fsdp = 2, 4
-    out = train_lib.train(moved, str(tmp_path / "moved"), progress=False)
+    out = train_lib.train(moved, str(workdir), progress=False)
     assert out["state"]["params"]["model"]["unet"]["conv_in"]["kernel"].sharding.spec == P(None, None, None, "fsdp")
-    assert _jsonl(tmp_path / "ref" / "masks.jsonl") == _jsonl(tmp_path / "moved" / "masks.jsonl")
+    assert _jsonl(reference_run.workdir / "masks.jsonl") == _jsonl(workdir / "masks.jsonl")
     for a, b in zip(ref["history"][4:], out["history"]):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4),
                  jax.device_get(ref["state"]["params"]), jax.device_get(out["state"]["params"]))
 
 
-def test_masks_log_matches_the_masks_command(config, tmp_path):
+def test_masks_log_matches_the_masks_command(run_config, reference_run):
     from jaxcond.masks import mask_records
 
-    cfg = copy.deepcopy(config)
-    cfg.dropout.groups.caption.rate = 0.4
-    train_lib.train(cfg, str(tmp_path), progress=False)
-    assert _jsonl(tmp_path / "masks.jsonl") == list(mask_records(cfg, range(cfg.train.steps)))
+    assert run_config.dropout.groups.caption.rate == 0.4
+    assert _jsonl(reference_run.workdir / "masks.jsonl") == list(mask_records(run_config, range(run_config.train.steps)))
 
 
 def test_distributed_modes_without_a_cluster(monkeypatch):

@@ -112,10 +112,11 @@ def _run_steps(config, tmp_path, devices, n=2, **overrides):
     return state, out
 
 
-def test_sharded_step_matches_one_device(config, tmp_path):
-    _, one = _run_steps(config, tmp_path, jax.devices()[:1])
+def test_sharded_step_matches_one_device(run_config, tmp_path):
+    # run_config: its 8-device programs are the shared runs' (compiled once per session).
+    _, one = _run_steps(run_config, tmp_path, jax.devices()[:1])
     for devices, mesh in [(jax.devices(), {}), (jax.devices(), {"mesh__data": 2, "mesh__fsdp": 4})]:
-        _, many = _run_steps(config, tmp_path, devices, **mesh)
+        _, many = _run_steps(run_config, tmp_path, devices, **mesh)
         for a, b in zip(one, many):
             assert a["drop_frac/caption"] == b["drop_frac/caption"]
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
@@ -141,38 +142,36 @@ def test_bfloat16_compute_trains(config, tmp_path):
     assert all(np.isfinite(m["loss"]) for m in out)
 
 
-def test_resume_continues_the_run_bitwise(config, tmp_path):
-    ref = train_lib.train(config, str(tmp_path / "ref"), progress=False)
-    first = train_lib.train(config, str(tmp_path / "split"), progress=False, stop_at=4)
+def test_resume_continues_the_run_bitwise(run_config, reference_run, interrupted_run, tmp_path):
+    ref, first = reference_run.out, interrupted_run.out  # uninterrupted; stopped after step 4
     assert [h["step"] for h in first["history"]] == [1, 2, 3, 4]
-    second = train_lib.train(config, str(tmp_path / "split"), progress=False)
+    split = interrupted_run.copy_to(tmp_path / "split")
+    second = train_lib.train(run_config, str(split), progress=False)
     assert [h["step"] for h in second["history"]] == [5, 6, 7, 8]
     for want, got in zip(ref["history"], first["history"] + second["history"]):
         for k in ("loss", "grad_norm", "drop_frac/caption", "lr"):
             assert want[k] == got[k], (want["step"], k)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref["state"]), jax.device_get(second["state"]))
-    steps = sorted(os.listdir(tmp_path / "split" / "checkpoints"))
+    steps = sorted(os.listdir(split / "checkpoints"))
     assert "8" in steps and "4" in steps
 
 
-def test_resume_refuses_a_changed_seed_or_dropout(config, tmp_path):
-    train_lib.train(config, str(tmp_path), progress=False, stop_at=2)
-    changed = copy.deepcopy(config)
+def test_resume_refuses_a_changed_seed_or_dropout(run_config, interrupted_run, tmp_path):
+    workdir = str(interrupted_run.copy_to(tmp_path / "run"))  # checkpoint at step 4
+    changed = copy.deepcopy(run_config)
     changed.seed = 1
     changed.dropout.groups.caption.rate = 0.3
     with pytest.raises(config_lib.ConfigError, match=r"config.seed.*\n.*config.dropout"):
-        train_lib.train(changed, str(tmp_path), progress=False)
-    out = train_lib.train(changed, str(tmp_path), progress=False, allow_config_change=True, stop_at=3)
-    assert [h["step"] for h in out["history"]] == [3]
+        train_lib.train(changed, workdir, progress=False)
+    out = train_lib.train(changed, workdir, progress=False, allow_config_change=True, stop_at=5)
+    assert [h["step"] for h in out["history"]] == [5]
 
 
-def test_final_samples_and_adherence_are_written(config, tmp_path):
-    cfg = copy.deepcopy(config)
-    cfg.train.steps = 2
-    out = train_lib.train(cfg, str(tmp_path), progress=False)
-    assert (tmp_path / "samples_final.png").exists() and (tmp_path / "adherence.json").exists()
+def test_final_samples_and_adherence_are_written(reference_run):
+    workdir, out = reference_run.workdir, reference_run.out
+    assert (workdir / "samples_final.png").exists() and (workdir / "adherence.json").exists()
     assert set(out["scores"]) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
-    assert os.listdir(tmp_path / "tb")
+    assert os.listdir(workdir / "tb")
 
 
 def test_sampling_never_drops_and_uses_the_trained_null(config, family):
