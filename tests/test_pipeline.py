@@ -2,13 +2,15 @@
 
 import copy
 import json
+import os
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import file_config
+from conftest import TrainedRun, file_config
 from jaxcond import checkpoint, config as config_lib, masks as masks_lib, train as train_lib
 from jaxcond.data import files, order, pipeline
 
@@ -62,15 +64,27 @@ def test_prefetcher_yields_exactly_the_direct_batches(config, family, image_fold
     assert got_steps == list(range(2, 9))
 
 
-def test_training_from_a_folder_resumes_exactly_and_logs_its_masks(config, image_folder, tmp_path):
-    cfg = file_config(config, image_folder)
-    cfg.dropout.groups.caption.rate = 0.3
+@pytest.fixture(scope="module")
+def folder_run(config, image_folder, tmp_path_factory):
+    """A run from a copy of the images (one test adds a file to it, and removes it again),
+    stopped after step 4 and its checkpoint as an interruption would leave it."""
+    root = tmp_path_factory.mktemp("folder_run")
+    shutil.copytree(image_folder, root / "images")
+    cfg = file_config(config, root / "images")
+    out = train_lib.train(cfg, str(root / "run"), progress=False, stop_at=4)
+    return cfg, TrainedRun(root / "run", out)
+
+
+def test_training_from_a_folder_resumes_exactly_and_logs_its_masks(folder_run, tmp_path):
+    cfg, interrupted = folder_run
+    assert cfg.dropout.groups.caption.rate == 0.3
     ref = train_lib.train(cfg, str(tmp_path / "ref"), progress=False)
-    train_lib.train(cfg, str(tmp_path / "split"), progress=False, stop_at=4)
-    out = train_lib.train(cfg, str(tmp_path / "split"), progress=False)
+    assert [h["step"] for h in interrupted.out["history"]] == [1, 2, 3, 4]
+    split = interrupted.copy_to(tmp_path / "split")
+    out = train_lib.train(cfg, str(split), progress=False)
     for want, got in zip(ref["history"][4:], out["history"]):
         assert want["loss"] == got["loss"]
-    logged = [json.loads(line) for line in open(tmp_path / "split" / "masks.jsonl")]
+    logged = [json.loads(line) for line in open(split / "masks.jsonl")]
     assert logged == list(masks_lib.mask_records(cfg, range(cfg.train.steps)))
     assert (tmp_path / "ref" / "samples_final.png").exists() and ref["scores"] == {}
 
@@ -155,18 +169,23 @@ def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_
         pipeline.make_data(hf, family)
 
 
-def test_resume_refuses_changed_data_and_checkpoints_the_loader_state(config, image_folder, tmp_path):
-    folder = tmp_path / "images"
-    shutil.copytree(image_folder, folder)
-    cfg = file_config(config, folder)
-    train_lib.train(cfg, str(tmp_path / "run"), progress=False, stop_at=4)
-    ckpts = checkpoint.Checkpoints(str(tmp_path / "run" / "checkpoints"), every_steps=4, keep=3, async_save=False)
+def test_resume_refuses_changed_data_and_checkpoints_the_loader_state(folder_run, tmp_path):
+    cfg, interrupted = folder_run
+    run = str(interrupted.copy_to(tmp_path / "run"))
+    ckpts = checkpoint.Checkpoints(os.path.join(run, "checkpoints"), every_steps=4, keep=3, async_save=False)
     saved = ckpts.saved_data(4)
     ckpts.close()
     assert saved["next_step"] == 4 and saved["num_records"] == 104
-    (folder / "extra.png").write_bytes((folder / "000.png").read_bytes())
-    (folder / "extra.txt").write_text("a new image")
-    with pytest.raises(config_lib.ConfigError, match="training data changed: 104 records at the checkpoint, 105 now"):
-        train_lib.train(cfg, str(tmp_path / "run"), progress=False)
-    out = train_lib.train(cfg, str(tmp_path / "run"), progress=False, allow_config_change=True, stop_at=5)
-    assert [h["step"] for h in out["history"]] == [5]
+    folder = pathlib.Path(cfg.data.path)
+    extra = [folder / "extra.png", folder / "extra.txt"]
+    extra[0].write_bytes((folder / "000.png").read_bytes())
+    extra[1].write_text("a new image")
+    try:
+        with pytest.raises(config_lib.ConfigError,
+                           match="training data changed: 104 records at the checkpoint, 105 now"):
+            train_lib.train(cfg, run, progress=False)
+        out = train_lib.train(cfg, run, progress=False, allow_config_change=True, stop_at=5)
+        assert [h["step"] for h in out["history"]] == [5]
+    finally:  # the folder is the module's run's data again
+        for f in extra:
+            f.unlink()
