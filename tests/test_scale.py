@@ -148,7 +148,6 @@ def test_two_processes_equal_one(config, tmp_path):
     cfg = copy.deepcopy(config)
     cfg.train.steps, cfg.checkpoint.every_steps = 4, 2
     cfg.mesh.data, cfg.mesh.fsdp = 4, 2
-    ref = train_lib.train(cfg, str(tmp_path / "one"), progress=False)
 
     two = tmp_path / "two"
     two.mkdir()
@@ -157,17 +156,24 @@ def test_two_processes_equal_one(config, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
-                               str(i), "2", str(port), str(cfg_path), str(two)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]  # files: a full pipe would stall them
+    procs = []
     try:
-        outs = [p.communicate(timeout=400)[0] for p in procs]
+        for i in range(2):
+            with open(logs[i], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
+                     str(i), "2", str(port), str(cfg_path), str(two)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        # The one-process run meanwhile: the two start up, compile and wait on each other.
+        ref = train_lib.train(cfg, str(tmp_path / "one"), progress=False)
+        for p in procs:
+            p.wait(timeout=400)
     finally:
         for p in procs:
             p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-3000:]
 
     assert _jsonl(tmp_path / "one" / "masks.jsonl") == _jsonl(two / "masks.jsonl")
     for a, b in zip(_jsonl(tmp_path / "one" / "metrics.jsonl"), _jsonl(two / "metrics.jsonl")):
