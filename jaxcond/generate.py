@@ -1,7 +1,9 @@
 """`jaxcond sample`: a PNG grid (prompts x guidance scales) from a trained run.
 
 The same sampler as the validation grids during training (`jaxcond.sampling`), on the
-run's EMA (or raw) weights, with the nulls the run trained: no dropout, ever.
+run's EMA (or raw) weights, with the nulls the run trained: no dropout, ever. The
+samples are split over every local device (`sampling.local_mesh`), the weights
+replicated on each.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from jaxcond import train
@@ -29,10 +30,8 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
     if steps < 1 or any(g < 0 for g in guidance) or not guidance:
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
     t = train.load_trained(workdir, step)
-    params = t.params(weights)
-    frozen = jax.device_put(t.family.frozen)
-    images = np.asarray(sample_grid(t.family, t.spec, params, frozen, list(prompts), list(guidance), seed, steps,
-                                    scheduler, negative=None if negative is None else [negative] * len(prompts)))
+    images = sample_grid(t.family, t.spec, t.params(weights), t.family.frozen, list(prompts), list(guidance),
+                         seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
     out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
     demo_data.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
                         row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])

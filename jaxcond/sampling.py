@@ -13,6 +13,11 @@ the last training timestep, where v-prediction matters), deterministic from the 
   steps (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with lower_order_final).
 The last two work in the variance-exploding view x / sqrt(alpha_bar), sigma =
 sqrt((1 - alpha_bar) / alpha_bar), where the probability-flow ODE is dx/dsigma = (x - x0) / sigma.
+
+Given a mesh, the samples are split over all of its devices (the batch sharding of
+training, `jaxcond.sharding.BATCH`), padded to a multiple of the device count; the
+noise is drawn for the unpadded global batch before it is split, so the samples are
+the same whatever the mesh.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from jaxcond import diffusion, dropout
+from jaxcond import diffusion, dropout, rng, sharding
 from jaxcond.models.family import Family, Params
 from jaxcond.train_step import StepSpec, empty_conditioning
 
@@ -76,65 +81,111 @@ def _step(scheduler: str, x: jax.Array, x0: jax.Array, a: jax.Array, a_prev: jax
     return xv * jnp.sqrt(a_prev), carry
 
 
-@functools.partial(jax.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0"))
+def _pair(cond: jax.Array, uncond: jax.Array) -> jax.Array:
+    """Rows 2i and 2i + 1 are the two branches of sample i: a device that holds sample i
+    evaluates both without exchanging rows with other devices."""
+    return jnp.stack([cond, uncond], axis=1).reshape((-1,) + cond.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0", "mesh"))
 def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, tokens: jax.Array,
            guidance: jax.Array, seed: jax.Array, steps: int = 50, scheduler: str = "ddim",
-           clip_x0: bool = True, negative_tokens: jax.Array | None = None) -> jax.Array:
+           clip_x0: bool = True, negative_tokens: jax.Array | None = None,
+           mesh: Mesh | None = None) -> jax.Array:
     """Samples as uint8 images, one per row of `tokens`, per guidance scale.
 
     `guidance` is a float array [G]; returns [G, N, H, W, 3]. Scale 1 is the plain
     conditional model, 0 the unconditional one. Every scale starts from the same noise
     (and, for euler_a, gets the same per-step noise) from `seed`, so columns of a grid
     differ only by guidance. `negative_tokens` (rows like `tokens`) replace the nulls.
+    With `mesh`, the N samples are split over its devices and the result is replicated;
+    without, placement is left to jit.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
+    n = tokens.shape[0]
+    rows = n if mesh is None else n + (-n % mesh.size)
+
+    def split(x: jax.Array) -> jax.Array:
+        """`x` [N, ...] padded to `rows` rows and split over the mesh."""
+        if mesh is None:
+            return x
+        # Copies of the last sample, not zeros: padding rows must stay valid (finite)
+        # inputs. They are dropped at the end.
+        x = jnp.pad(x, [(0, rows - n)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+        return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
     parts = {**frozen, **params["model"]}
-    cond = _conditioning(family, parts, tokens)
+    cond = _conditioning(family, parts, split(tokens))
     uncond = (unconditional(family, spec, params, frozen, cond) if negative_tokens is None
-              else _conditioning(family, parts, negative_tokens))
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
-    n = tokens.shape[0]
+              else _conditioning(family, parts, split(negative_tokens)))
+    both = jax.tree.map(_pair, cond, uncond)
     ts = trailing_timesteps(spec.schedule.num_train_timesteps, steps)
     prev = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
     key = jax.random.key(seed)
-    shape = (n,) + tuple(family.sample_shape)
-    x_init = jax.random.normal(key, shape)
+    shape = (rows,) + tuple(family.sample_shape)
+
+    def noise(k: jax.Array) -> jax.Array:
+        # Drawn for the N real samples, then padded: the bits of sample i depend on the
+        # seed and N only, never on the device count.
+        return split(jax.random.normal(k, (n,) + tuple(family.sample_shape)))
+
+    x_init = noise(key)
 
     def one_scale(g):
         def body(carry, inp):
             k, t, t_prev = inp
             x = carry.pop("x")
-            out = family.denoise(params["model"], jnp.concatenate([x, x]), jnp.full((2 * n,), t), both)
-            out = out[n:] + g * (out[:n] - out[n:])
-            _, x0 = diffusion.to_epsilon_and_x0(spec.schedule.prediction_type, acp, x, out, jnp.full((n,), t))
+            out = family.denoise(params["model"], _pair(x, x), jnp.full((2 * rows,), t), both)
+            out = out.reshape((rows, 2) + out.shape[1:])
+            out = out[:, 1] + g * (out[:, 0] - out[:, 1])
+            _, x0 = diffusion.to_epsilon_and_x0(spec.schedule.prediction_type, acp, x, out, jnp.full((rows,), t))
             if clip_x0:
                 # Each update re-derives its direction from the clipped x0: keeping the
                 # unclipped eps is inconsistent, and guided samples (whose x0 overshoots)
                 # fall apart.
                 x0 = jnp.clip(x0, -1.0, 1.0)
             a_prev = jnp.where(t_prev >= 0, acp[jnp.maximum(t_prev, 0)], 1.0)
-            noise = jax.random.normal(jax.random.fold_in(key, k + 1), shape) if scheduler == "euler_a" else 0.0
-            x, carry = _step(scheduler, x, x0, acp[t], a_prev, carry, noise)
+            z = noise(jax.random.fold_in(key, k + 1)) if scheduler == "euler_a" else 0.0
+            x, carry = _step(scheduler, x, x0, acp[t], a_prev, carry, z)
             return {**carry, "x": x}, None
 
         init = {"x": x_init, "x0": jnp.zeros(shape), "h": jnp.zeros(())}
         final, _ = jax.lax.scan(body, init, (jnp.arange(steps), ts, prev))
         return family.x0_to_images(frozen, final["x"])
 
-    return jax.lax.map(one_scale, guidance)
+    images = jax.lax.map(one_scale, guidance)[:, :n]
+    return images if mesh is None else jax.lax.with_sharding_constraint(images, sharding.replicated(mesh))
+
+
+def local_mesh() -> Mesh:
+    """Every device of this process on the data axis: what `jaxcond sample` samples on."""
+    devices = jax.local_devices()
+    return sharding.make_mesh({"data": len(devices), "fsdp": 1}, devices)
 
 
 def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
                 captions: Sequence[str], guidance: Sequence[float], seed: int, steps: int,
-                scheduler: str = "ddim", negative: Sequence[str] | None = None) -> jax.Array:
-    """[len(guidance), len(captions), H, W, 3] uint8 samples, the same on every process."""
+                scheduler: str = "ddim", negative: Sequence[str] | None = None, *,
+                mesh: Mesh | None = None) -> np.ndarray:
+    """[len(guidance), len(captions), H, W, 3] uint8 samples, the same on every process.
+
+    The samples are split over `mesh` (default `local_mesh()`). Weights already on the
+    mesh's devices keep their sharding (a training run's fsdp split); others are
+    replicated onto it.
+    """
+    mesh = local_mesh() if mesh is None else mesh
+    devices = set(mesh.devices.flat)
+    params, frozen = jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) and x.sharding.device_set == devices
+        else jax.device_put(x, sharding.replicated(mesh)), (params, frozen))
     # Host (numpy) inputs: in a multi-process run jit treats them as replicated values,
     # where a device array made here would live on this process's devices only.
     negative_tokens = None if negative is None else np.asarray(family.tokenize(negative))
-    out = sample(family, spec, params, frozen, np.asarray(family.tokenize(captions)),
-                 np.asarray(guidance, np.float32), np.int32(seed), steps=steps, scheduler=scheduler,
-                 # Pixels live in [-1, 1]; VAE latents have no such bound.
-                 clip_x0=not family.latent, negative_tokens=negative_tokens)
-    return multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else out
+    with rng.derivation():  # the noise bits must not follow a global jax setting
+        out = sample(family, spec, params, frozen, np.asarray(family.tokenize(captions)),
+                     np.asarray(guidance, np.float32), np.int32(seed), steps=steps, scheduler=scheduler,
+                     # Pixels live in [-1, 1]; VAE latents have no such bound.
+                     clip_x0=not family.latent, negative_tokens=negative_tokens, mesh=mesh)
+    return np.asarray(out)  # replicated: every process holds all of it

@@ -205,8 +205,8 @@ def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, floa
     prompts = run.data.eval_captions(s.num_prompts)
     captions = [c for c in prompts for _ in range(s.per_prompt)]
     scales = (0.0,) + tuple(s.guidance)
-    images = np.asarray(sample_grid(run.family, run.spec, params, run.frozen, captions, scales,
-                                    s.seed, s.steps, s.scheduler))
+    images = sample_grid(run.family, run.spec, params, run.frozen, captions, scales,
+                         s.seed, s.steps, s.scheduler, mesh=run.mesh)
     names = ["uncond"] + [f"cfg{g:g}" for g in s.guidance]
     scores = {n: run.data.score(images[i], captions) for i, n in enumerate(names)}
     scores = {n: v for n, v in scores.items() if v is not None}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from jaxcond import diffusion, sampling
+from jaxcond import diffusion, sampling, sharding
 from jaxcond.generate import generate
 from jaxcond.models.family import Family
 from jaxcond.train_step import StepSpec
@@ -89,7 +89,10 @@ def test_euler_ancestral_is_seeded_and_lands_on_the_model_x0():
 
     class Oracle(Toy):
         def denoise(self, trainable, x_t, t, cond):
-            a, x0 = acp[t].reshape(-1, 1, 1, 1), jnp.concatenate([target, target])  # both branches
+            # Each row's x0 is that of its caption ("ab" -> 0, "abcd" -> 1), in either branch
+            # and whatever order the sampler batches rows in.
+            row = jnp.round(cond["text"][:, 0] * 5).astype(jnp.int32) - 1
+            a, x0 = acp[t].reshape(-1, 1, 1, 1), target[row]
             eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
             return jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0
 
@@ -100,19 +103,48 @@ def test_euler_ancestral_is_seeded_and_lands_on_the_model_x0():
         np.testing.assert_allclose(np.asarray(out[0]), target, atol=1e-4, err_msg=name)
 
 
-def test_negative_prompt_replaces_the_null_in_the_unconditional_branch(config, family):
+def _demo_spec_and_params(config, family):
+    """The tiny demo model's step spec and initial params, learned nulls pushed far from
+    any caption so that the two branches differ visibly."""
     from jaxcond import config as config_lib
     from jaxcond.train_step import StepSpec as Spec, init_state, make_optimizer
 
     spec = Spec.from_config(config, config_lib.dropout_groups(config, family.conditioners, family.batch_conditioners), 1)
     state = init_state(family, spec, make_optimizer(config)[0])
-    # Push the learned nulls far from any caption so the two branches differ visibly.
-    params = {**state["params"], "nulls": jax.tree.map(lambda x: x + 3.0, state["params"]["nulls"])}
+    return spec, {**state["params"], "nulls": jax.tree.map(lambda x: x + 3.0, state["params"]["nulls"])}
+
+
+def test_negative_prompt_replaces_the_null_in_the_unconditional_branch(config, family):
+    spec, params = _demo_spec_and_params(config, family)
     args = (family, spec, params, family.frozen, ["a red circle on a blue background"], [0.0], 1, 3)
     null, again = np.asarray(sampling.sample_grid(*args)), np.asarray(sampling.sample_grid(*args))
     neg = np.asarray(sampling.sample_grid(*args, negative=["a green square on a white background"]))
     np.testing.assert_array_equal(null, again)
     assert not np.array_equal(null, neg)  # guidance 0 = the unconditional branch alone
+
+
+def test_samples_do_not_depend_on_the_device_count(config, family):
+    """One device, 8 on the data axis, and 4 x 2 with fsdp-sharded weights (as a training
+    mesh would hold them); 3 samples pad to 8 rows. euler_a also draws noise every step."""
+    spec, params = _demo_spec_and_params(config, family)
+    captions = ["a red circle on a blue background", "a green square on a black background",
+                "a white triangle on a red background"]
+
+    def grid(shape, devices, weights=params):
+        mesh = sharding.make_mesh(shape, devices)
+        return sampling.sample_grid(family, spec, weights, family.frozen, captions, [0.0, 3.0], 7, 3, "euler_a",
+                                    mesh=mesh)
+
+    one = grid({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    assert one.shape == (2, 3, 16, 16, 3) and one.dtype == np.uint8
+    fsdp = sharding.make_mesh({"data": 4, "fsdp": 2})
+    for other in (grid({"data": 8, "fsdp": 1}, jax.devices()),
+                  grid({"data": 4, "fsdp": 2}, jax.devices(),
+                       jax.device_put(params, sharding.param_shardings(fsdp, params, min_size=512)))):
+        # Same noise, same arithmetic; only rounding differs (XLA's kernels for another
+        # per-device batch, fsdp's split sums), which moves a rare pixel across a uint8 step.
+        np.testing.assert_allclose(other.astype(int), one, atol=1)
+        assert (other != one).mean() < 0.01
 
 
 def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
