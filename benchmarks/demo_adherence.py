@@ -13,25 +13,34 @@ any line misses it:
     python benchmarks/demo_adherence.py [--workdir runs/demo_bench] [--config.field=value ...]
 """
 
+from __future__ import annotations
+
 import json
 import sys
+
+import ml_collections
 
 BAR = [("cfg1", "background", ">=", 60 / 60), ("cfg3", "background", ">=", 60 / 60),
        ("cfg1", "color", ">=", 56 / 60), ("cfg3", "color", ">=", 60 / 60)]
 
 
-def main() -> int:
+def demo_flags(workdir: str, workdir_help: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The demo config (with any --config.field=value overrides) and --workdir, from argv."""
     from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
-    flags.DEFINE_string("workdir", "runs/demo_bench", "Run directory (resumed if it exists).")
+    flags.DEFINE_string("workdir", workdir, workdir_help)
     flags.FLAGS(sys.argv)
+    return flags.FLAGS.config, flags.FLAGS.workdir
+
+
+def main() -> int:
+    cfg, workdir = demo_flags("runs/demo_bench", "Run directory (resumed if it exists).")
     from jaxcond.train import train
 
-    cfg = flags.FLAGS.config
     n = cfg.sample.num_prompts * cfg.sample.per_prompt
-    scores = train(cfg, flags.FLAGS.workdir)["scores"]
+    scores = train(cfg, workdir)["scores"]
     ok = True
     for col, key, op, want in BAR:
         got = scores[col][key]
