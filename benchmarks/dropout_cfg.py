@@ -25,7 +25,8 @@ The classifier-free guidance literature expects adherence to rise with guidance 
 and guidance not to help (or to hurt) at 0, whose unconditional branch is an input the
 network never trained on. Writes a grid (held-out captions x guidance 0/1/3/5 per rate,
 one sample each, noise seed config.sample.seed) and the numbers (<workdir>/results.json),
-and prints markdown tables and the total wall time (~17 min on 2 quiet CPU cores).
+and prints markdown tables, the total wall time and the load average (about 17-20 min
+estimated on 2 quiet CPU cores; 77 min measured on a busy shared one, see README.md).
 
     python benchmarks/dropout_cfg.py [--workdir runs/dropout_cfg] [--out docs/dropout_cfg.png] \\
         [--config.field=value ...]
