@@ -21,7 +21,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store  # orbax is pinned exactly
 
 log = logging.getLogger("jaxcond")
 PARTIAL_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still being written
@@ -56,6 +58,27 @@ def config_to_json(cfg: ml_collections.ConfigDict) -> dict:
     return json.loads(cfg.to_json())
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's standard pytree handler, except that a single-process run writes each
+    replicated array whole from one replica.
+
+    Orbax's default ("replica-parallel") cuts every replicated array into one slice per
+    replica so that several hosts share the write. In one process the same host writes
+    every slice anyway, and each cut is an eager device op per array and replica: with
+    the demo's state (~850 arrays) replicated on 8 devices that was most of a save's time
+    (benchmarks/checkpoint_save.py). Multi-host runs keep Orbax's default. Either way the
+    checkpoint restores to the same arrays, and older checkpoints restore unchanged."""
+    handlers = ocp.type_handlers
+    arrays = handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        # As Orbax's own default handler: the store records typed PRNG keys' metadata.
+        array_metadata_store=array_metadata_store.Store())
+    registry = handlers.create_type_handler_registry(
+        *[(t, handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)],
+        (jax.Array, arrays))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpoints:
     """A thin wrapper over ocp.CheckpointManager fixing jaxcond's layout and policy."""
 
@@ -73,7 +96,7 @@ class Checkpoints:
                                                 create=True, enable_async_checkpointing=async_save))
         # Handlers named up front, so a fresh manager can also read a checkpoint's metadata.
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+            "state": _state_handler(), "config": ocp.JsonCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
@@ -90,7 +113,7 @@ class Checkpoints:
         CheckpointError; the checkpoints completed before it stay intact."""
         try:
             return self._mgr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 config=ocp.args.JsonSave(config_to_json(cfg)),
                 data=ocp.args.JsonSave(data)), force=force)
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for I/O errors
@@ -139,8 +162,8 @@ class Checkpoints:
                 + "\nRestore the code/config the run was trained with, or start a new --workdir.")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        return self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
+        return self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))["state"]
 
     def wait(self) -> None:
         """Blocks until the asynchronous save in flight is on disk (CheckpointError if it failed)."""
