@@ -372,7 +372,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         bar = tqdm.tqdm(total=cfg.train.steps, initial=start,
                         disable=not (progress and is_main_process()), unit="step", dynamic_ncols=True)
         history, scores = [], {}
-        limit = cfg.train.max_skipped_updates
+        limit, skipped = cfg.train.max_skipped_updates, 0
         for step, batch in run.batches(start, end):
             state, m = run.step_fn(state, run.frozen, batch)
             runlog.step(step, m)
@@ -384,16 +384,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
                                 ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
                 # Checked at log steps only: reading the counter every step would stall the device.
-                if 0 <= limit < scalars["skipped_updates"]:
-                    ckpts.save(done, state, cfg, run.data.state(done), force=True)
-                    ckpts.close()
-                    bar.close()
-                    raise NonFiniteError(
-                        f"{int(scalars['skipped_updates'])} updates had a non-finite loss or gradient "
-                        f"(config.train.max_skipped_updates = {limit}); none of them changed the "
-                        f"params. Stopped at step {done} with a checkpoint of the last good params. "
-                        "Lower config.optim.lr, check the data or use float32 compute; to go on "
-                        "anyway, rerun with a higher config.train.max_skipped_updates.")
+                skipped = int(scalars["skipped_updates"])
+                interrupted |= 0 <= limit < skipped
             bar.update(1)
             if done % cfg.checkpoint.every_steps == 0 or done == end or interrupted:
                 ckpts.save(done, state, cfg, run.data.state(done), force=True)
@@ -406,6 +398,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         bar.close()
         ckpts.close()
         runlog.close(scores)
+    if 0 <= limit < skipped:
+        raise NonFiniteError(
+            f"{skipped} updates had a non-finite loss or gradient (config.train.max_skipped_updates "
+            f"= {limit}); none of them changed the params. Stopped at step {int(state['step'])} with "
+            "a checkpoint of the last good params. Lower config.optim.lr, check the data or use "
+            "float32 compute; to go on anyway, rerun with a higher config.train.max_skipped_updates.")
     if stop.signal_name and is_main_process():
         saved = (f"with a checkpoint in {ckpts.directory}" if int(state["step"]) > start
                  else "before its first step (nothing new to save)")
