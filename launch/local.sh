@@ -50,7 +50,13 @@ case "$cmd" in
   test)
     # Tests run on the CPU with 8 simulated devices (sharding tests need several).
     export JAX_PLATFORMS=cpu
-    exec "$venv/bin/python" -m pytest "$@" ;;
+    # Most of the suite is single-threaded XLA compilation, so one pytest worker per core
+    # (at most 4: each holds ~5 GiB) nearly divides its time; whole files go to one worker,
+    # so module fixtures are built once. Pass -n yourself (-n 0: none) to override.
+    workers=()
+    case " $* " in *" -n "*|*" -n"[0-9]*|*" --numprocesses"*|*" -p no:xdist "*) ;;
+      *) n=$(nproc); workers=(-n "$(( n < 4 ? n : 4 ))" --dist loadfile) ;; esac
+    exec "$venv/bin/python" -m pytest "${workers[@]}" "$@" ;;
   setup) ;;
   *)
     exec "$venv/bin/jaxcond" "$cmd" "$@" ;;
