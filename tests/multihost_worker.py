@@ -3,7 +3,7 @@
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON WORKDIR
 
 Joins JAX's runtime on 127.0.0.1 with gloo CPU collectives, trains the config like
-`jaxcond train` would, and writes the record ids this process loaded to
+`jaxcond train` would, and writes the record ids this process loaded, by step, to
 WORKDIR/loaded_<PROCESS_ID>.json so the test can check each host read only its share.
 """
 
@@ -23,11 +23,12 @@ def main() -> None:
     from jaxcond.data import pipeline
 
     assert distributed.initialize("on", f"127.0.0.1:{port}", int(n), int(pid))
-    loaded: list[list[int]] = []
+    loaded: dict[int, list[int]] = {}  # by step: loader threads finish in any order
     batch = pipeline.DemoData.batch
 
     def recording(self, ids: np.ndarray, step: int) -> dict:
-        loaded.append(np.asarray(ids).tolist())
+        assert step not in loaded, f"step {step} loaded twice"
+        loaded[step] = np.asarray(ids).tolist()
         return batch(self, ids, step)
 
     pipeline.DemoData.batch = recording
@@ -35,7 +36,7 @@ def main() -> None:
         cfg = ml_collections.ConfigDict(json.load(f))
     train_lib.train(cfg, workdir, progress=False)
     with open(os.path.join(workdir, f"loaded_{pid}.json"), "w") as f:
-        json.dump(loaded, f)
+        json.dump({str(k): v for k, v in sorted(loaded.items())}, f)
 
 
 if __name__ == "__main__":
