@@ -121,6 +121,25 @@ def test_weights_that_do_not_fit_list_their_keys(latent_dir, tmp_path):
     assert "wrong shape (1):\n  conv_out.bias: checkpoint (2,), model wants (4,)" in msg
 
 
+def test_flax_weights_missing_a_key_are_refused(latent_dir, tmp_path):
+    from flax import serialization
+    from flax.traverse_util import unflatten_dict
+
+    folder = str(tmp_path / "flax")
+    shutil.copytree(latent_dir, folder)
+    path = os.path.join(folder, "text_encoder", "flax_model.msgpack")
+    with open(path, "rb") as f:
+        params = flatten_dict(serialization.msgpack_restore(f.read()))
+    key = next(k for k in params if k[-2:] == ("final_layer_norm", "scale"))
+    del params[key]
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(unflatten_dict(params)))
+    with pytest.raises(convert.WeightsMismatch) as e:
+        UNetCLIP(folder)
+    assert "flax_model.msgpack does not fit" in str(e.value)
+    assert f"missing (1):\n  {'/'.join(key)}" in str(e.value)
+
+
 def test_pickled_weights_get_the_fix_not_a_traceback(latent_dir, tmp_path):
     pt = str(tmp_path / "pt")
     as_pytorch_folder(latent_dir, pt)

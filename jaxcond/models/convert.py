@@ -85,6 +85,14 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}):\n  " + "\n  ".join(items[:_SHOW]) + more
 
 
+def _fits_or_raise(source: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
+    problems = [_listing(t, sorted(v)) for t, v in (("missing", missing), ("unexpected", unexpected),
+                                                    ("wrong shape", shapes)) if v]
+    if problems:
+        raise WeightsMismatch(f"{source} does not fit the model its config describes; "
+                              "is it the right file for this config?\n" + "\n".join(problems))
+
+
 def from_pytorch(tensors: Mapping[str, Any], template: Mapping, source: str = "checkpoint") -> dict:
     """PyTorch state dict -> Flax params shaped like `template` (arrays or ShapeDtypeStructs).
 
@@ -104,13 +112,20 @@ def from_pytorch(tensors: Mapping[str, Any], template: Mapping, source: str = "c
                           f"{_pytorch_shape(path, tuple(want.shape))}")
             continue
         out[path] = x.astype(want.dtype)
-    unexpected = sorted(k for k in tensors if k not in used and not IGNORED_PYTORCH_KEYS.fullmatch(k))
-    problems = [_listing(t, v) for t, v in (("missing", sorted(missing)), ("unexpected", unexpected),
-                                            ("wrong shape", sorted(shapes))) if v]
-    if problems:
-        raise WeightsMismatch(f"{source} does not fit the model its config describes; "
-                              "is it the right file for this config?\n" + "\n".join(problems))
+    _fits_or_raise(source, missing, [k for k in tensors if k not in used and not IGNORED_PYTORCH_KEYS.fullmatch(k)],
+                   shapes)
     return unflatten_dict(out)
+
+
+def check_fits(params: Mapping, template: Mapping, source: str) -> dict:
+    """`params` (a Flax tree read from `source`) if it has exactly `template`'s paths and
+    shapes; otherwise WeightsMismatch, as `from_pytorch` reports a PyTorch checkpoint."""
+    have, want = flatten_dict(params), flatten_dict(template)
+    _fits_or_raise(source, ["/".join(p) for p in want.keys() - have.keys()],
+                   ["/".join(p) for p in have.keys() - want.keys()],
+                   [f"{'/'.join(p)}: checkpoint {tuple(have[p].shape)}, model wants {tuple(w.shape)}"
+                    for p, w in want.items() if p in have and tuple(have[p].shape) != tuple(w.shape)])
+    return params
 
 
 def read_safetensors(paths: Iterable[str]) -> dict[str, jax.Array]:

@@ -97,9 +97,12 @@ def diffusers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None
 def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None) -> tuple[Any, dict]:
     """A transformers Flax model (its params not initialised) and its params, as above."""
     _check_part(folder)
-    if tensors is None and os.path.isfile(os.path.join(folder, _FILES["transformers"][0])):
-        model = cls.from_pretrained(folder, dtype=dtype)
-        return model, model.params
+    flax_file = os.path.join(folder, _FILES["transformers"][0])
+    if tensors is None and os.path.isfile(flax_file):
+        # _do_init=False: transformers would otherwise initialise every weight it then
+        # replaces, op by op (~100 small compiles), and fill missing ones with random values.
+        model, params = cls.from_pretrained(folder, dtype=dtype, _do_init=False)
+        return model, convert.check_fits(params, model.params_shape_tree, source=flax_file)
     model = cls(cls.config_class.from_pretrained(folder), dtype=dtype, _do_init=False)
     template = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
     return model, _params("transformers", folder, template, tensors)
