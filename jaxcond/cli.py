@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags, logging as absl_logging
@@ -187,6 +188,9 @@ def main() -> None:
         sys.stderr.write(USAGE)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     command = sys.argv.pop(1)
+    # diffusers and transformers import their PyTorch models whenever torch is installed
+    # (seconds per start); jaxcond reads PyTorch weights without torch and never calls them.
+    os.environ.setdefault("USE_TORCH", "0")
     app.run(lambda argv: _main(argv, command))
 
 

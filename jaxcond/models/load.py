@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcond.models import convert
 
@@ -102,6 +103,9 @@ def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | N
         # _do_init=False: transformers would otherwise initialise every weight it then
         # replaces, op by op (~100 small compiles), and fill missing ones with random values.
         model, params = cls.from_pretrained(folder, dtype=dtype, _do_init=False)
+        # It also commits them to the CPU device, from where a multi-host device_put cannot
+        # place them; uncommitted (like every other part's) they go wherever they are put.
+        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
         return model, convert.check_fits(params, model.params_shape_tree, source=flax_file)
     model = cls(cls.config_class.from_pretrained(folder), dtype=dtype, _do_init=False)
     template = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
