@@ -1,12 +1,11 @@
-"""Checkpoint save time: jaxcond's state handler vs Orbax's default, side by side.
+"""Checkpoint save time: jaxcond's single-process writes vs Orbax's replica-parallel default.
 
 Saves the demo's full train state (params, Adam state, EMA; ~850 arrays) replicated over
-`--devices` simulated CPU devices, through `jaxcond.checkpoint.Checkpoints` (synchronous,
-so each save is timed to the end of its write), once with jaxcond's handler (a
-single-process run writes each replicated array whole from one replica) and once with
-Orbax's `StandardCheckpointHandler` (replica-parallel: one slice per replica, cut by an
-eager device op each). Rounds alternate the order. Printed: median seconds per save and
-their ratio.
+`--devices` simulated CPU devices through `jaxcond.checkpoint.Checkpoints` (synchronous,
+so each save is timed to the end of its write), once as a single-process run saves
+(each replicated array written whole from one replica) and once with
+`replica_parallel=True`, Orbax's default (one slice per replica, cut by an eager device op
+each). Rounds alternate the order. Printed: median seconds per save and their ratio.
 
     .venv/bin/python benchmarks/checkpoint_save.py [--devices 8] [--repeats 5]
 """
@@ -32,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import logging  # noqa: E402
 
 import jax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 
 from configs import demo  # noqa: E402
 from jaxcond import checkpoint, train  # noqa: E402
@@ -45,24 +43,18 @@ def main(tmp: str) -> None:
     run = train.build(cfg, os.path.join(tmp, "run"), devices=jax.devices()[:args.devices])
     state = run.initial_state()
     data = run.data.state(0)
-    handlers = {"jaxcond": checkpoint._state_handler, "orbax-default": ocp.StandardCheckpointHandler}
-    save_args = {"jaxcond": ocp.args.PyTreeSave, "orbax-default": ocp.args.StandardSave}
-    times: dict[str, list[float]] = {name: [] for name in handlers}
+    modes = {"jaxcond": None, "orbax-default": True}  # replica_parallel
+    times: dict[str, list[float]] = {name: [] for name in modes}
     for r in range(args.repeats + 1):  # round 0 warms up (first-use compiles) and is dropped
-        for name in (list(handlers) if r % 2 else list(handlers)[::-1]):
-            mgr = ocp.CheckpointManager(
-                os.path.join(tmp, f"{name}-{r}"),
-                options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-                item_handlers={"state": handlers[name](), "config": ocp.JsonCheckpointHandler(),
-                               "data": ocp.JsonCheckpointHandler()})
+        for name in (list(modes) if r % 2 else list(modes)[::-1]):
+            ckpts = checkpoint.Checkpoints(os.path.join(tmp, f"{name}-{r}"), every_steps=1, keep=1,
+                                           async_save=False, replica_parallel=modes[name])
             t0 = time.perf_counter()
-            mgr.save(1, args=ocp.args.Composite(state=save_args[name](state),
-                                                config=ocp.args.JsonSave(checkpoint.config_to_json(cfg)),
-                                                data=ocp.args.JsonSave(data)))
-            mgr.wait_until_finished()
+            ckpts.save(1, state, cfg, data)
+            ckpts.wait()
             if r:
                 times[name].append(time.perf_counter() - t0)
-            mgr.close()
+            ckpts.close()
     arrays = len(jax.tree.leaves(state))
     print(f"\ndemo state: {arrays} arrays replicated on {args.devices} devices; {args.repeats} saves each")
     for name, t in times.items():

@@ -58,19 +58,19 @@ def config_to_json(cfg: ml_collections.ConfigDict) -> dict:
     return json.loads(cfg.to_json())
 
 
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's standard pytree handler, except that a single-process run writes each
-    replicated array whole from one replica.
+def _state_handler(replica_parallel: bool) -> ocp.PyTreeCheckpointHandler:
+    """Orbax's standard pytree handler, except that without `replica_parallel` each
+    replicated array is written whole from one replica.
 
     Orbax's default ("replica-parallel") cuts every replicated array into one slice per
     replica so that several hosts share the write. In one process the same host writes
     every slice anyway, and each cut is an eager device op per array and replica: with
     the demo's state (~850 arrays) replicated on 8 devices that was most of a save's time
-    (benchmarks/checkpoint_save.py). Multi-host runs keep Orbax's default. Either way the
+    (benchmarks/checkpoint_save.py). `Checkpoints` keeps it for multi-host runs. Either way the
     checkpoint restores to the same arrays, and older checkpoints restore unchanged."""
     handlers = ocp.type_handlers
     arrays = handlers.ArrayHandler(
-        use_replica_parallel=jax.process_count() > 1,
+        use_replica_parallel=replica_parallel,
         # As Orbax's own default handler: the store records typed PRNG keys' metadata.
         array_metadata_store=array_metadata_store.Store())
     registry = handlers.create_type_handler_registry(
@@ -83,7 +83,9 @@ class Checkpoints:
     """A thin wrapper over ocp.CheckpointManager fixing jaxcond's layout and policy."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, replica_parallel: bool | None = None):
+        """`replica_parallel`: every replica writes a slice of each replicated array (Orbax's
+        default); None: only when several processes write (see _state_handler)."""
         self.directory = os.path.abspath(directory)
         self.partial = partial_checkpoints(self.directory)
         if self.partial and not read_only and jax.process_index() == 0:
@@ -96,7 +98,8 @@ class Checkpoints:
                                                 create=True, enable_async_checkpointing=async_save))
         # Handlers named up front, so a fresh manager can also read a checkpoint's metadata.
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": _state_handler(), "config": ocp.JsonCheckpointHandler(),
+            "state": _state_handler(jax.process_count() > 1 if replica_parallel is None else replica_parallel),
+            "config": ocp.JsonCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
