@@ -52,10 +52,11 @@ case "$cmd" in
     export JAX_PLATFORMS=cpu
     # Most of the suite is single-threaded XLA compilation, so one pytest worker per core
     # (at most 4: each holds ~5 GiB) nearly divides its time; whole files go to one worker,
-    # so module fixtures are built once. Pass -n yourself (-n 0: none) to override.
+    # so module fixtures are built once, longest files first (tests/conftest.py orders them;
+    # xdist would reorder by test count). Pass -n yourself (-n 0: none) to override.
     workers=()
     case " $* " in *" -n "*|*" -n"[0-9]*|*" --numprocesses"*|*" -p no:xdist "*) ;;
-      *) n=$(nproc); workers=(-n "$(( n < 4 ? n : 4 ))" --dist loadfile) ;; esac
+      *) n=$(nproc); workers=(-n "$(( n < 4 ? n : 4 ))" --dist loadfile --no-loadscope-reorder) ;; esac
     exec "$venv/bin/python" -m pytest "${workers[@]}" "$@" ;;
   setup) ;;
   *)

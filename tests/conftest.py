@@ -24,6 +24,18 @@ from configs import demo  # noqa: E402
 from jaxcond.data import demo as demo_data  # noqa: E402
 
 
+# The files that take longest (pytest --durations), longest first. With pytest-xdist whole
+# files go to whichever worker is free, in collection order; a long file handed out last
+# would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_fault.py", "test_train.py", "test_scale.py", "test_cache.py", "test_families.py",
+                 "test_pipeline.py", "test_latent.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
+
+
 def tiny_config() -> ml_collections.ConfigDict:
     """The demo config shrunk for tests: same model family and contract, seconds per run."""
     c = demo.get_config()
