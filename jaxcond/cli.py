@@ -188,9 +188,11 @@ def main() -> None:
         sys.stderr.write(USAGE)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     command = sys.argv.pop(1)
-    # diffusers and transformers import their PyTorch models whenever torch is installed
-    # (seconds per start); jaxcond reads PyTorch weights without torch and never calls them.
-    os.environ.setdefault("USE_TORCH", "0")
+    # jaxcond reads PyTorch weights without torch and never calls it, but where torch is
+    # installed diffusers and transformers import it and their PyTorch models anyway (~5 s
+    # and hundreds of MB per process, on every host). USE_TORCH=1 lets them.
+    if os.environ.setdefault("USE_TORCH", "0") == "0":
+        sys.modules.setdefault("torch", None)  # `import torch` then fails as if not installed
     app.run(lambda argv: _main(argv, command))
 
 

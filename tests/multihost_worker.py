@@ -11,9 +11,10 @@ import json
 import os
 import sys
 
-import jax
-import ml_collections
-import numpy as np
+sys.modules.setdefault("torch", None)  # as `jaxcond` does: diffusers would import it (~5 s)
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def main() -> None:

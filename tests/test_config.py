@@ -105,6 +105,21 @@ def test_cli_masks_prints_the_derived_masks():
     assert len(g["dropped_positions"]) == len(g["dropped_records"]) > 0
 
 
+def test_cli_keeps_torch_out_of_the_process():
+    """Where torch is installed (the test extra has it) diffusers imports it on every start
+    (~5 s, hundreds of MB); the CLI hides it, unless USE_TORCH=1 asks for it."""
+    pytest.importorskip("torch")
+    code = ("import sys; sys.argv = ['jaxcond', 'masks', '--config', 'configs/demo.py', '--steps', '0:1']\n"
+            "from jaxcond import cli\ntry:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "import diffusers.utils.distributed_utils as d\nprint('torch is', type(d.torch).__name__)")
+    for use_torch, want in (("", "torch is NoneType"), ("1", "torch is module")):
+        env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+        env.update({"USE_TORCH": use_torch} if use_torch else {})
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and want in r.stdout, r.stdout + r.stderr
+
+
 def test_bad_model_folder_is_named(tmp_path):
     r = _cli("train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
              f"--config.model.source={tmp_path / 'missing'}")
