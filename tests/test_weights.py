@@ -121,23 +121,28 @@ def test_weights_that_do_not_fit_list_their_keys(latent_dir, tmp_path):
     assert "wrong shape (1):\n  conv_out.bias: checkpoint (2,), model wants (4,)" in msg
 
 
-def test_flax_weights_missing_a_key_are_refused(latent_dir, tmp_path):
+@pytest.mark.parametrize("file,last", [("text_encoder/flax_model.msgpack", ("final_layer_norm", "scale")),
+                                       ("unet/diffusion_flax_model.msgpack", ("conv_out", "bias"))])
+def test_flax_weights_missing_or_misshaped_are_refused(latent_dir, tmp_path, file, last):
+    """diffusers and transformers would only log a weight missing from a Flax file."""
     from flax import serialization
     from flax.traverse_util import unflatten_dict
 
     folder = str(tmp_path / "flax")
     shutil.copytree(latent_dir, folder)
-    path = os.path.join(folder, "text_encoder", "flax_model.msgpack")
+    path = os.path.join(folder, file)
     with open(path, "rb") as f:
         params = flatten_dict(serialization.msgpack_restore(f.read()))
-    key = next(k for k in params if k[-2:] == ("final_layer_norm", "scale"))
-    del params[key]
-    with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize(unflatten_dict(params)))
-    with pytest.raises(convert.WeightsMismatch) as e:
-        UNetCLIP(folder)
-    assert "flax_model.msgpack does not fit" in str(e.value)
-    assert f"missing (1):\n  {'/'.join(key)}" in str(e.value)
+    key = next(k for k in params if k[-2:] == last)
+    for change, want in ((lambda p: p.pop(key), f"missing (1):\n  {'/'.join(key)}"),
+                         (lambda p: p.update({key: np.zeros(3, np.float32)}), "(3,)")):
+        edited = dict(params)
+        change(edited)
+        with open(path, "wb") as f:
+            f.write(serialization.msgpack_serialize(unflatten_dict(edited)))
+        with pytest.raises(convert.WeightsMismatch) as e:
+            UNetCLIP(folder)
+        assert f"{os.path.basename(file)} does not fit" in str(e.value) and want in str(e.value), str(e.value)
 
 
 def test_pickled_weights_get_the_fix_not_a_traceback(latent_dir, tmp_path):

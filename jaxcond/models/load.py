@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -88,11 +88,33 @@ def diffusers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None
     """A diffusers Flax model class's module and params from `folder` (e.g. <model>/unet),
     or from `tensors` (PyTorch keys) with only the folder's config."""
     _check_part(folder)
-    if tensors is None and os.path.isfile(os.path.join(folder, _FILES["diffusers"][0])):
-        return cls.from_pretrained(folder, dtype=dtype)
-    model = cls.from_config(cls.load_config(folder), dtype=dtype)
+    flax_file = os.path.join(folder, _FILES["diffusers"][0])
+    if tensors is None and os.path.isfile(flax_file):
+        model, params = _read_flax(flax_file, lambda: cls.from_pretrained(folder, dtype=dtype))
+    else:
+        model, params = cls.from_config(cls.load_config(folder), dtype=dtype), None
     template = jax.eval_shape(model.init_weights, jax.random.key(0))
-    return model, _params("diffusers", folder, template, tensors)
+    if params is None:
+        return model, _params("diffusers", folder, template, tensors)
+    # diffusers only logs (and jaxcond silences) weights missing from the file, which would
+    # then fail deep inside the first step: refuse the file, listing them.
+    return model, convert.check_fits(_uncommitted(params), template, source=flax_file)
+
+
+def _read_flax(flax_file: str, read: Callable[[], tuple[Any, dict]]) -> tuple[Any, dict]:
+    """`read()` of a Flax weights file; the library's own shape check (a ValueError) as
+    WeightsMismatch, an error for the user rather than a traceback."""
+    try:
+        return read()
+    except ValueError as e:
+        raise convert.WeightsMismatch(f"{flax_file} does not fit the model its config describes: {e}") from None
+
+
+def _uncommitted(params: dict) -> dict:
+    """diffusers and transformers commit the weights they read to the CPU device, from where
+    a multi-host device_put cannot place them; uncommitted (like every other part's) they go
+    wherever they are put."""
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
 
 
 def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None) -> tuple[Any, dict]:
@@ -102,11 +124,8 @@ def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | N
     if tensors is None and os.path.isfile(flax_file):
         # _do_init=False: transformers would otherwise initialise every weight it then
         # replaces, op by op (~100 small compiles), and fill missing ones with random values.
-        model, params = cls.from_pretrained(folder, dtype=dtype, _do_init=False)
-        # It also commits them to the CPU device, from where a multi-host device_put cannot
-        # place them; uncommitted (like every other part's) they go wherever they are put.
-        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
-        return model, convert.check_fits(params, model.params_shape_tree, source=flax_file)
+        model, params = _read_flax(flax_file, lambda: cls.from_pretrained(folder, dtype=dtype, _do_init=False))
+        return model, convert.check_fits(_uncommitted(params), model.params_shape_tree, source=flax_file)
     model = cls(cls.config_class.from_pretrained(folder), dtype=dtype, _do_init=False)
     template = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
     return model, _params("transformers", folder, template, tensors)
