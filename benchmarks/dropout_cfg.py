@@ -28,8 +28,8 @@ one sample each, noise seed config.sample.seed) and the numbers (<workdir>/resul
 and prints markdown tables, the total wall time and the load average.
 
 The two runs are independent, so they train side by side in two processes, each pinned to
-half of the CPU cores: on 2 cores XLA runs one training only ~1.4x faster on both cores
-than on one, so two at once finish ~1.4x sooner than one after the other. Each run's
+half of the CPU cores: on 2 cores XLA ran one training only ~1.4x faster on both cores
+than on one (README), so two at once should finish ~1.4x sooner than one after the other. Each run's
 numbers depend on its core count (the order of float reductions), not on the other run.
 
     python benchmarks/dropout_cfg.py [--workdir runs/dropout_cfg] [--out docs/dropout_cfg.png] \\
