@@ -1,13 +1,15 @@
 """Step-time overheads of the compiled train step, as ratios measured side by side.
 
-Three variants of the same `jaxcond.train_step.train_step`, on the demo config at its
+Four variants of the same `jaxcond.train_step.train_step`, on the demo config at its
 real size (16x16 images, global batch 32, UNet (32, 64)):
 
   sharded  the step exactly as `train.build()` compiles it: jax.jit with in/out
-           shardings over the mesh and the state donated;
+           shardings over the mesh, the state donated, jaxcond's compiler options
+           (`jaxcond.xla`);
   plain    jax.jit(partial(train_step, ...)) with no shardings and no donation, every
-           input a plain array on device 0;
-  nodrop   `sharded` with StepSpec(with_dropout=False): no dropout code compiled at all.
+           input a plain array on device 0, the same compiler options;
+  nodrop   `sharded` with StepSpec(with_dropout=False): no dropout code compiled at all;
+  jaxopts  `sharded` compiled with jax's default compiler options instead of jaxcond's.
 
 Each variant is compiled and warmed up first; then rounds time `--steps` consecutive
 steps per variant (ended by jax.block_until_ready), interleaved (the first variant
@@ -20,7 +22,8 @@ changes mid-run).
     .venv/bin/python benchmarks/step_time.py                 # 1 device (targets apply)
     .venv/bin/python benchmarks/step_time.py --devices 8     # 8 simulated CPU devices
 
-Targets (1 device): sharded / plain <= 1.05 and sharded / nodrop <= 1.02.
+Targets (1 device): sharded / plain <= 1.05 and sharded / nodrop <= 1.02; jaxopts /
+sharded is what jaxcond's compiler options buy (> 1 means faster with them).
 With --devices D > 1 the script sets XLA_FLAGS=--xla_force_host_platform_device_count=D
 itself and compares `sharded` on D simulated devices with `plain` on one device at
 equal global batch: report only, a CPU simulation has no target.
@@ -52,7 +55,7 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 
 from configs import demo  # noqa: E402
-from jaxcond import train, train_step as ts  # noqa: E402
+from jaxcond import train, train_step as ts, xla  # noqa: E402
 from timing import Variant, interleave, print_table, ratio  # noqa: E402  (benchmarks/timing.py)
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/absl info lines would clutter the table
@@ -66,14 +69,17 @@ def main(workdir: str) -> None:
     dev0 = jax.devices()[0]
     sharded_batches = [run.put_batch(i) for i in range(args.steps)]  # as the train loop puts them
     plain_batches = [jax.device_put(jax.device_get(b), dev0) for b in sharded_batches]
-    plain_fn = jax.jit(functools.partial(ts.train_step, run.family, run.spec, run.tx, run.lr))
+    plain_fn = jax.jit(functools.partial(ts.train_step, run.family, run.spec, run.tx, run.lr),
+                       compiler_options=xla.options(dev0.platform))
     frozen0 = jax.device_put(run.frozen, dev0)
     nodrop_fn = run.jit_step(dataclasses.replace(run.spec, with_dropout=False))
+    jaxopts_fn = run.jit_step(run.spec, compiler_options={})
     variants = {
         "sharded": Variant(lambda s, b: run.step_fn(s, run.frozen, b), run.initial_state(), sharded_batches),
         "plain": Variant(lambda s, b: plain_fn(s, frozen0, b), jax.device_put(run.initial_state(), dev0),
                          plain_batches),
         "nodrop": Variant(lambda s, b: nodrop_fn(s, run.frozen, b), run.initial_state(), sharded_batches),
+        "jaxopts": Variant(lambda s, b: jaxopts_fn(s, run.frozen, b), run.initial_state(), sharded_batches),
     }
     interleave(variants, args.repeats, args.steps)
 
@@ -85,6 +91,8 @@ def main(workdir: str) -> None:
         r, text = ratio(variants[a].times, variants[b].times)
         goal = f"target <= {target}: {'met' if r <= target else 'MISSED'}" if args.devices == 1 else "report only"
         print(f"{a}/{b}: {text}; {goal}")
+    print(f"jaxopts/sharded: {ratio(variants['jaxopts'].times, variants['sharded'].times)[1]} "
+          f"(jaxcond's compiler options on {dev0.platform}: {xla.options(dev0.platform)})")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxcond import diffusion, dropout, rng, sharding
+from jaxcond import diffusion, dropout, rng, sharding, xla
 from jaxcond.models.family import Family, Params
 from jaxcond.train_step import StepSpec, empty_conditioning
 
@@ -87,7 +87,7 @@ def _pair(cond: jax.Array, uncond: jax.Array) -> jax.Array:
     return jnp.stack([cond, uncond], axis=1).reshape((-1,) + cond.shape[1:])
 
 
-@functools.partial(jax.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0", "mesh"))
+@functools.partial(xla.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0", "mesh"))
 def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, tokens: jax.Array,
            guidance: jax.Array, seed: jax.Array, steps: int = 50, scheduler: str = "ddim",
            clip_x0: bool = True, negative_tokens: jax.Array | None = None,

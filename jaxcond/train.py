@@ -26,7 +26,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jaxcond import checkpoint, config as config_lib, masks as masks_lib, preemption, sharding
+from jaxcond import checkpoint, config as config_lib, masks as masks_lib, preemption, sharding, xla
 from jaxcond import train_step as ts
 from jaxcond.data import demo as demo_data, pipeline
 from jaxcond.models import demo as demo_model
@@ -72,15 +72,18 @@ class Run:
     state_shardings: Any
     step_fn: Any = None  # the jitted train step of `spec`
 
-    def jit_step(self, spec: ts.StepSpec) -> Any:
-        """The train step of `spec` compiled for the mesh, state donated."""
+    def jit_step(self, spec: ts.StepSpec, compiler_options: dict[str, Any] | None = None) -> Any:
+        """The train step of `spec` compiled for the mesh, state donated, with
+        `compiler_options` (default: jaxcond's for the mesh's platform, `jaxcond.xla`)."""
+        if compiler_options is None:
+            compiler_options = xla.options(self.mesh.devices.flat[0].platform)
         batch_sh = sharding.batch_sharding(self.mesh)
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         return jax.jit(functools.partial(ts.train_step, self.family, spec, self.tx, self.lr,
                                          compute_sharding=sharding.replicated(self.mesh)),
                        in_shardings=(self.state_shardings, frozen_sh, batch_sh),  # every batch field
                        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,), compiler_options=compiler_options)
 
     def initial_state(self) -> Any:
         init = functools.partial(ts.init_state, self.family, self.spec, self.tx,

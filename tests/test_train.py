@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcond import config as config_lib, sampling, train as train_lib
+from jaxcond import config as config_lib, sampling, train as train_lib, xla
 from jaxcond import train_step as ts
 from jaxcond.data import order, pipeline
 from jaxcond.models.family import Family
@@ -197,3 +197,19 @@ def test_sampling_never_drops_and_uses_the_trained_null(config, family):
     for seen in spy.seen:  # one per denoising step: row 2i caption i, row 2i + 1 its unconditional pair
         np.testing.assert_allclose(seen[0:4:2], real, atol=1e-5)  # later rows: padding copies
         assert (seen[1::2] == np.asarray(params["nulls"]["text"])).all()
+
+
+def test_compiled_programs_take_jaxconds_cpu_options(config, tmp_path):
+    """The step and the sampler compile with `jaxcond.xla`'s options: on the CPU no YNNPACK
+    fusion (jax's default makes them, which the second half checks, so this can fail)."""
+    run = train_lib.build(config, str(tmp_path), devices=jax.devices()[:1])
+    args = (run.initial_state(), run.frozen, run.put_batch(0))
+    assert "ynn_fusion" not in run.step_fn.lower(*args).compile().as_text()
+    assert "ynn_fusion" in run.jit_step(run.spec, compiler_options={}).lower(*args).compile().as_text()
+
+    def f(w, x):
+        return jnp.tanh(x @ w)
+
+    w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
+    assert "ynn_fusion" not in xla.jit(f).lower(w, x).compile().as_text()
+    assert "ynn_fusion" in jax.jit(f).lower(w, x).compile().as_text()

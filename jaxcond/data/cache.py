@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from jaxcond import xla
 from jaxcond.config import ConfigError
 from jaxcond.data import pipeline
 from jaxcond.models.family import Family
@@ -122,8 +123,8 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
             raise ConfigError(f"{directory} holds a cache of another model or dataset; give "
                               "config.data.cache a new folder (or delete this one)")
         manifest = old
-    encode = jax.jit(family.encode)
-    moments = jax.jit(family.image_moments)
+    encode = xla.jit(family.encode)
+    moments = xla.jit(family.image_moments)
     # The empty caption's encoding: the `empty` null. The step still computes it from the
     # current encoder (the contract); this copy records it for users and tools, and the
     # model fingerprint checked at load guarantees it is what the step computes.

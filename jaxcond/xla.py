@@ -1,0 +1,44 @@
+"""XLA compiler options of jaxcond's compiled functions, per platform.
+
+Only measured choices live here; `benchmarks/step_time.py` prints the ratio of each
+against jax's own defaults. They change how XLA fuses and schedules, never what a step
+computes: dropout masks, timesteps and noise are integer/bit derivations and keep their
+bits (the golden tests run with these options).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+# XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10, made the demo's train step about
+# 1.35x slower on 2 cores (its UNet forward pass about 1.9x): the empty list turns them off.
+# CPU only: the GPU and TPU compilers never see the option.
+_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def options(platform: str) -> dict[str, Any]:
+    """jaxcond's compiler options for `platform` ("cpu", "gpu", "tpu", ...)."""
+    return dict(_OPTIONS.get(platform, {}))
+
+
+def jit(fun: Callable, **jit_kwargs: Any) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` with the options of the default backend's platform,
+    looked up at the first call (so importing jaxcond never initialises a backend)."""
+    by_platform: dict[str, Callable] = {}
+
+    def jitted() -> Callable:
+        platform = jax.default_backend()
+        if platform not in by_platform:
+            by_platform[platform] = jax.jit(fun, compiler_options=options(platform), **jit_kwargs)
+        return by_platform[platform]
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return jitted()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)  # as jax.jit's
+    return call
