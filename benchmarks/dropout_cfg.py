@@ -121,7 +121,7 @@ def train_and_sample(cfg: ml_collections.ConfigDict, workdir: str, prompts: list
     from jaxcond.sampling import sample_grid
     from jaxcond.train import load_trained, train
 
-    scores = train(cfg, workdir, progress=progress)["scores"]
+    out = train(cfg, workdir, progress=progress)
     t = load_trained(workdir)
     params = t.params("ema" if cfg.sample.use_ema and "ema" in t.state else "raw")
     s = cfg.sample
@@ -129,8 +129,9 @@ def train_and_sample(cfg: ml_collections.ConfigDict, workdir: str, prompts: list
     def draw(captions: list[str], guidance: tuple[float, ...], seed: int) -> np.ndarray:
         return sample_grid(t.family, t.spec, params, t.family.frozen, captions, guidance, seed, s.steps, s.scheduler)
 
-    # Guidance 0 ignores the caption; another seed than the grid's, so other noise draws.
-    return {"scores": scores, "grid": draw(prompts, (0.0,) + GUIDANCE, s.seed),
+    # The grid: the final evaluation's first sample per caption (as in samples_final.png).
+    # Guidance 0 ignores the caption; another seed than the evaluation's, so other noise.
+    return {"scores": out["scores"], "grid": out["samples"][:, ::s.per_prompt],
             "uncond": draw(prompts[:1] * UNCOND_SAMPLES, (0.0,), s.seed + 1)[0]}
 
 
@@ -162,7 +163,7 @@ def main() -> None:
     for d in runs.values():
         if os.path.exists(os.path.join(d, "checkpoints")):  # a resume would skip the evaluation
             raise SystemExit(f"{d} already holds a run; use a new --workdir")
-    prompts = list(dict.fromkeys(pipeline.DemoEval(base).eval_captions(base.sample.num_prompts)))
+    prompts = list(pipeline.DemoEval(base).eval_captions(base.sample.num_prompts))  # evaluate()'s rows
     train_combos, _ = demo_data.split_combinations(base.data.heldout_fraction, base.data.seed)
     records, _ = demo_data.DemoDataset(REFERENCE_IMAGES + UNCOND_SAMPLES, base.data.resolution, base.data.seed,
                                        train_combos).materialize()

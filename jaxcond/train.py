@@ -198,8 +198,9 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     return Trained(cfg, family, spec, state, step)
 
 
-def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
-    """Samples the validation prompts; returns the grid and caption adherence per column.
+def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, float]], np.ndarray]:
+    """Samples the validation prompts; returns the grid, caption adherence per column and
+    the samples [columns, prompts x per_prompt, H, W, 3].
 
     Columns: unconditional (the trained null alone), then each guidance scale.
     """
@@ -218,7 +219,7 @@ def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, floa
     first = images[:, ::s.per_prompt]  # one sample per prompt for the picture
     grid = demo_data.grid_array(np.concatenate(np.swapaxes(first, 0, 1)), nrow=len(scales),
                                 row_labels=prompts, col_labels=names)
-    return grid, scores
+    return grid, scores, images
 
 
 def _format_scores(scores: dict[str, dict[str, float]]) -> str:
@@ -344,7 +345,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     """Runs (or resumes) training to cfg.train.steps.
 
     Returns the logged metrics of every `log_every`-th step (`history`), the last
-    adherence scores, the final state and `stopped`: None, or the signal (SIGTERM,
+    adherence scores and the samples they were read from (`evaluate`; None if this call
+    evaluated nothing), the final state and `stopped`: None, or the signal (SIGTERM,
     SIGINT) that ended the run early with a checkpoint. `stop_at` ends the process after
     that step with a checkpoint, as an interruption would (the run itself still aims at
     cfg.train.steps: schedules are unchanged, and a later call continues it).
@@ -374,7 +376,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         end = start if jax.process_count() == 1 and stop.signal_name else end
         bar = tqdm.tqdm(total=cfg.train.steps, initial=start,
                         disable=not (progress and is_main_process()), unit="step", dynamic_ncols=True)
-        history, scores = [], {}
+        history, scores, samples = [], {}, None
         limit, skipped = cfg.train.max_skipped_updates, 0
         for step, batch in run.batches(start, end):
             state, m = run.step_fn(state, run.frozen, batch)
@@ -396,7 +398,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                 break
             every = cfg.train.sample_every
             if done == cfg.train.steps or (every and done % every == 0):
-                grid, scores = evaluate(run, state)
+                grid, scores, samples = evaluate(run, state)
                 runlog.samples(done, done == cfg.train.steps, grid, scores)
         bar.close()
         ckpts.close()
@@ -412,4 +414,5 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                  else "before its first step (nothing new to save)")
         print(f"jaxcond: stopped by {stop.signal_name} at step {int(state['step'])} {saved}; run the "
               "same command again to resume.", flush=True)
-    return {"history": history, "scores": scores, "state": state, "stopped": stop.signal_name}
+    return {"history": history, "scores": scores, "samples": samples, "state": state,
+            "stopped": stop.signal_name}

@@ -123,6 +123,20 @@ def test_negative_prompt_replaces_the_null_in_the_unconditional_branch(config, f
     assert not np.array_equal(null, neg)  # guidance 0 = the unconditional branch alone
 
 
+def test_scales_zero_and_one_evaluate_one_branch(config, family):
+    """Scale 0 is the unconditional branch alone, 1 the conditional one (the sampler then
+    skips the other branch): swapping prompt and negative prompt swaps the two exactly."""
+    spec, params = _demo_spec_and_params(config, family)
+    a, b = ["a red circle on a blue background"], ["a green square on a white background"]
+    args = (family, spec, params, family.frozen)
+    ab = np.asarray(sampling.sample_grid(*args, a, [0.0, 1.0, 3.0], 1, 3, negative=b))
+    ba = np.asarray(sampling.sample_grid(*args, b, [0.0, 1.0, 3.0], 1, 3, negative=a))
+    np.testing.assert_array_equal(ab[0], ba[1])
+    np.testing.assert_array_equal(ab[1], ba[0])
+    assert not np.array_equal(ab[0], ab[1])
+    assert not np.array_equal(ab[2], ba[2])
+
+
 def test_samples_do_not_depend_on_the_device_count(config, family):
     """One device, 8 on the data axis, and 4 x 2 with fsdp-sharded weights (as a training
     mesh would hold them); 3 samples pad to 8 rows. euler_a also draws noise every step."""

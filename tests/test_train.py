@@ -172,10 +172,13 @@ def test_resume_refuses_a_changed_seed_or_dropout(run_config, interrupted_run, t
     assert [h["step"] for h in out["history"]] == [5]
 
 
-def test_final_samples_and_adherence_are_written(reference_run):
+def test_final_samples_and_adherence_are_written(reference_run, run_config):
     workdir, out = reference_run.workdir, reference_run.out
     assert (workdir / "samples_final.png").exists() and (workdir / "adherence.json").exists()
     assert set(out["scores"]) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
+    smp = run_config.sample  # the scores' samples come back: unconditional + each scale, every caption
+    assert out["samples"].shape[:2] == (1 + len(smp.guidance), smp.num_prompts * smp.per_prompt)
+    assert out["samples"].dtype == np.uint8
     assert os.listdir(workdir / "tb")
 
 
