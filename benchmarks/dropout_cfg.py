@@ -23,9 +23,10 @@ differ. For each run it reports
 
 The classifier-free guidance literature expects adherence to rise with guidance at 0.1,
 and guidance not to help (or to hurt) at 0, whose unconditional branch is an input the
-network never trained on. Writes a grid (held-out captions x guidance 0/1/3/5 per rate,
-one sample each, noise seed config.sample.seed) and the numbers (<workdir>/results.json),
-and prints markdown tables, the total wall time and the load average.
+network never trained on. Writes a grid (per rate, guidance 0/1/3/5 x the first sample of
+each of the 12 held-out captions the final evaluation scored: 9 distinct captions, three
+repeated with other noise) and the numbers (<workdir>/results.json), and prints markdown
+tables, the total wall time and the load average.
 
 The two runs are independent, so they train side by side in two processes, each pinned to
 half of the CPU cores: on 2 cores XLA ran one training only ~1.4x faster on both cores
