@@ -137,8 +137,10 @@ def test_grad_accumulation_matches_one_big_batch(config, tmp_path):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
     # Adam divides by sqrt(v): near-zero gradients' rounding differences become visible
-    # steps, bounded by the learning rate (1e-3 here).
-    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4),
+    # steps, bounded by the learning rate (1e-3 here). Largest seen: 1.1e-4 (one of 4096
+    # entries) with jaxcond's CPU compiler options, under 1e-4 with jax's defaults; the
+    # tolerance is one step's bound.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-3),
                  jax.device_get(s1["params"]), jax.device_get(s4["params"]))
 
 
