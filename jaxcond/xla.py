@@ -1,9 +1,10 @@
 """XLA compiler options of jaxcond's compiled functions, per platform.
 
 Only measured choices live here; `benchmarks/step_time.py` prints the ratio of each
-against jax's own defaults. They change how XLA fuses and schedules, never what a step
-computes: dropout masks, timesteps and noise are integer/bit derivations and keep their
-bits (the golden tests run with these options).
+against jax's own defaults. They change how XLA fuses and schedules, so float results
+round differently (params compared across topologies after a few Adam steps now differ
+by up to ~3e-4); dropout masks, timesteps and noise are integer/bit derivations and keep
+their bits (the golden tests run with these options).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import jax
 
-# XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10, made the demo's train step about
-# 1.35x slower on 2 cores (its UNet forward pass about 1.9x): the empty list turns them off.
+# XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10, made the demo's train step 1.34x
+# slower on 2 cores (benchmarks/step_time.py, jaxopts/sharded): the empty list turns them off.
 # CPU only: the GPU and TPU compilers never see the option.
 _OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 

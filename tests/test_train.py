@@ -205,8 +205,9 @@ def test_sampling_never_drops_and_uses_the_trained_null(config, family):
 
 
 def test_compiled_programs_take_jaxconds_cpu_options(config, tmp_path):
-    """The step and the sampler compile with `jaxcond.xla`'s options: on the CPU no YNNPACK
-    fusion (jax's default makes them, which the second half checks, so this can fail)."""
+    """The step and `xla.jit` (the sampler's and cache encoders' jit) compile with
+    `jaxcond.xla`'s options: on the CPU no YNNPACK fusion (jax's default makes them, which
+    each second assert checks, so this can fail)."""
     run = train_lib.build(config, str(tmp_path), devices=jax.devices()[:1])
     args = (run.initial_state(), run.frozen, run.put_batch(0))
     assert "ynn_fusion" not in run.step_fn.lower(*args).compile().as_text()
