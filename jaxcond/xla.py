@@ -2,9 +2,9 @@
 
 Only measured choices live here; `benchmarks/step_time.py` prints the ratio of each
 against jax's own defaults. They change how XLA fuses and schedules, so float results
-round differently (params compared across topologies after a few Adam steps
-differed by up to ~3e-4 with the option below, under 1e-4 without); dropout masks,
-timesteps and noise are integer/bit derivations and keep their bits either way.
+round differently (params compared across topologies after a few Adam steps differed
+by up to ~3e-4 with the option below, under 1e-4 without); dropout masks, timesteps and
+noise are integer/bit derivations and keep their bits either way.
 """
 
 from __future__ import annotations
