@@ -158,7 +158,8 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     `compute_sharding` (e.g. replicated) is where the forward and backward pass see the
     params. With FSDP-sharded params it gathers them once per step (and the gradients are
     reduce-scattered back); left to itself XLA would push the parameter sharding into the
-    activations and re-materialise them inside attention.
+    activations and re-materialise them inside attention. The dropout masks are drawn there
+    too.
     """
     step = state["step"]
     # Cached VAE moments (jaxcond.data.cache) stand in for encoding the images here.
@@ -166,6 +167,12 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     with rng.derivation():
         x0 = family.draw_x0(moments, rng.stream_key(spec.seed, step, rng.STREAM_LATENT))
     r = step_randomness(spec, step, x0.shape)
+    if compute_sharding is not None:
+        # Every device draws all B mask bits instead of its slice: they are also returned
+        # as a replicated metric, and gathering a few dozen bools costs a collective, on CPU
+        # a barrier of all device threads (benchmarks/baseline_pmap.py --devices 8). The bits
+        # are the same however they are sharded (threefry partitionable, set in jaxcond.rng).
+        r["masks"] = jax.lax.with_sharding_constraint(r["masks"], compute_sharding)
     data = {"x0": x0, "t": r["t"], "noise": r["noise"], "masks": r["masks"],
             "extra": {k: batch[k] for k in family.batch_conditioners}}
     if "tokens" in batch:
