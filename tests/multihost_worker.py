@@ -2,9 +2,10 @@
 
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON WORKDIR
 
-Joins JAX's runtime on 127.0.0.1 with gloo CPU collectives, trains the config like
-`jaxcond train` would, and writes the record ids this process loaded, by step, to
-WORKDIR/loaded_<PROCESS_ID>.json so the test can check each host read only its share.
+Runs `jaxcond train` (its command line, flags and all) as process PROCESS_ID of a run
+coordinated on 127.0.0.1 with gloo CPU collectives, and writes the record ids this
+process loaded, by step, to WORKDIR/loaded_<PROCESS_ID>.json so the test can check each
+host read only its share.
 """
 
 import json
@@ -13,17 +14,17 @@ import sys
 
 sys.modules.setdefault("torch", None)  # as `jaxcond` does: diffusers would import it (~5 s)
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
     pid, n, port, config_path, workdir = sys.argv[1:]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from jaxcond import distributed, train as train_lib
+    from jaxcond import cli
     from jaxcond.data import pipeline
 
-    assert distributed.initialize("on", f"127.0.0.1:{port}", int(n), int(pid))
     loaded: dict[int, list[int]] = {}  # by step: loader threads finish in any order
     batch = pipeline.DemoData.batch
 
@@ -33,11 +34,14 @@ def main() -> None:
         return batch(self, ids, step)
 
     pipeline.DemoData.batch = recording
-    with open(config_path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
-    train_lib.train(cfg, workdir, progress=False)
-    with open(os.path.join(workdir, f"loaded_{pid}.json"), "w") as f:
-        json.dump({str(k): v for k, v in sorted(loaded.items())}, f)
+    sys.argv = ["jaxcond", "train", "--config", f"{ROOT}/tests/json_config.py:{config_path}",
+                "--workdir", workdir, "--coordinator_address", f"127.0.0.1:{port}",
+                "--num_processes", n, "--process_id", pid]
+    try:
+        cli.main()  # absl's app.run: exits with SystemExit
+    finally:
+        with open(os.path.join(workdir, f"loaded_{pid}.json"), "w") as f:
+            json.dump({str(k): v for k, v in sorted(loaded.items())}, f)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ two-process (two-"host") run on this machine compared with a one-process run."""
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -143,21 +146,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(config, tmp_path):
-    """Two processes x 4 CPU devices (gloo) vs one process x 8: same masks, same run."""
+def test_two_processes_equal_one_and_stop_together(config, tmp_path):
+    """Two processes x 4 CPU devices (gloo), each started by `jaxcond train`'s command line,
+    vs one process x 8: same masks, same run. Only process 1 gets the preemption notice
+    (SIGTERM): both stop after the same step with one checkpoint written by both, exit 0,
+    and resuming from it (here in one process) continues the one-process run."""
     cfg = copy.deepcopy(config)
-    cfg.train.steps, cfg.checkpoint.every_steps = 4, 2
+    cfg.train.steps, cfg.checkpoint.every_steps = 12, 2
     cfg.mesh.data, cfg.mesh.fsdp = 4, 2
 
     two = tmp_path / "two"
     two.mkdir()
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(checkpoint.config_to_json(cfg)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     port = _free_port()
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]  # files: a full pipe would stall them
     procs = []
+
+    def preempt_process_1() -> None:  # once the two-process run has logged its first step
+        masks = two / "masks.jsonl"
+        while not (masks.exists() and masks.stat().st_size) and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+
     try:
         for i in range(2):
             with open(logs[i], "w") as log:
@@ -165,36 +178,50 @@ def test_two_processes_equal_one(config, tmp_path):
                     [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
                      str(i), "2", str(port), str(cfg_path), str(two)],
                     env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
-        # The one-process run meanwhile: the two start up, compile and wait on each other.
-        ref = train_lib.train(cfg, str(tmp_path / "one"), progress=False)
+        preempt = threading.Thread(target=preempt_process_1, daemon=True)
+        preempt.start()
+        # The one-process run meanwhile (every checkpoint kept): the two start up, compile
+        # and wait on each other.
+        ref_cfg = copy.deepcopy(cfg)
+        ref_cfg.checkpoint.keep = 1000
+        train_lib.train(ref_cfg, str(tmp_path / "one"), progress=False)
         for p in procs:
             p.wait(timeout=400)
     finally:
         for p in procs:
             p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log.read_text()[-3000:]
+    outs = [log.read_text() for log in logs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    stopped = int(outs[0].split("stopped by SIGTERM at step ")[1].split()[0])
+    assert 0 < stopped < cfg.train.steps
+    ckpts = checkpoint.Checkpoints(str(two / "checkpoints"), every_steps=1, keep=1, read_only=True)
+    assert ckpts.complete_steps()[-1] == stopped
 
-    assert _jsonl(tmp_path / "one" / "masks.jsonl") == _jsonl(two / "masks.jsonl")
-    for a, b in zip(_jsonl(tmp_path / "one" / "metrics.jsonl"), _jsonl(two / "metrics.jsonl")):
+    one_masks, one_metrics = _jsonl(tmp_path / "one" / "masks.jsonl"), _jsonl(tmp_path / "one" / "metrics.jsonl")
+    assert _jsonl(two / "masks.jsonl") == one_masks[:stopped]
+    two_metrics = _jsonl(two / "metrics.jsonl")
+    assert [m["step"] for m in two_metrics] == list(range(1, stopped + 1))
+    for a, b in zip(one_metrics, two_metrics):
         assert a["drop_frac/caption"] == b["drop_frac/caption"]
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-    # Each process loaded exactly its half of every global batch, nothing else.
+    # Each process loaded exactly its half of every global batch it trained on (and maybe
+    # of the next ones, prefetched before the stop), nothing else.
     halves = [json.loads((two / f"loaded_{i}.json").read_text()) for i in range(2)]
     from jaxcond.data import order
-    for half in halves:
-        assert sorted(map(int, half)) == list(range(cfg.train.steps))
-    for step in range(cfg.train.steps):
-        ids = order.batch_ids(cfg.seed, step, cfg.train.global_batch, cfg.data.num_records)
-        assert halves[0][str(step)] == ids[:8].tolist() and halves[1][str(step)] == ids[8:].tolist()
+    for i, half in enumerate(halves):
+        assert set(range(stopped)) <= set(map(int, half))
+        for step, ids in half.items():
+            want = order.batch_ids(cfg.seed, int(step), cfg.train.global_batch, cfg.data.num_records)
+            assert ids == want[8 * i:8 * (i + 1)].tolist(), (i, step)
     # Logs equal to the one-process run (above) mean a single writer: both would duplicate lines.
-    assert (two / "samples_final.png").exists() and (two / "tb").is_dir()
-    run = train_lib.build(cfg, str(two))
-    ckpts = checkpoint.Checkpoints(str(two / "checkpoints"), every_steps=2, keep=3, async_save=False)
-    state = train_lib.restore_or_init(run, ckpts, allow_config_change=False)
-    ckpts.close()
-    assert int(state["step"]) == 4
+    assert (two / "tb").is_dir()
+
+    even = stopped + stopped % 2  # the one-process run checkpointed the even steps
+    got = train_lib.train(cfg, str(two), progress=False, stop_at=even)["state"]["params"]
+    want = train_lib.load_trained(str(tmp_path / "one"), even).state["params"]
+    assert _jsonl(two / "masks.jsonl") == one_masks[:even]
     # Reductions run in another order across processes; Adam turns the rounding of
     # near-zero gradients into steps bounded by the learning rate (1e-3 here).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
-                 jax.device_get(ref["state"]["params"]), jax.device_get(state["params"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), jax.device_get(want),
+                 jax.device_get(got))
