@@ -210,7 +210,7 @@ def test_sampling_never_drops_and_uses_the_trained_null(config, family):
 YNN_FUSION = '"kind":"__ynn_fusion"'
 
 
-def test_ynnpack_off_with_one_cpu_device_only(config, tmp_path):
+def test_ynnpack_off_with_one_cpu_device_only(run_config, tmp_path):
     """`jaxcond.xla` turns XLA:CPU's YNNPACK fusions off in a process with one CPU device
     and keeps jax's defaults with several (this process has 8 simulated devices), for the
     step (`Run.jit_step`) and `xla.jit` (the sampler's and cache encoders' jit). jax's
@@ -218,7 +218,8 @@ def test_ynnpack_off_with_one_cpu_device_only(config, tmp_path):
     makes the option a no-op)."""
     assert xla.options("cpu", 1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert xla.options("cpu", 8) == xla.options("cpu") == xla.options("gpu", 1) == {}
-    run = train_lib.build(config, str(tmp_path), devices=jax.devices()[:1])
+    # run_config on one device: test_sharded_step_matches_one_device's program (compiled once).
+    run = train_lib.build(run_config, str(tmp_path), devices=jax.devices()[:1])
     args = (run.initial_state(), run.frozen, run.put_batch(0))
     assert YNN_FUSION in run.step_fn.lower(*args).compile().as_text()
     one_device = run.jit_step(run.spec, compiler_options=xla.options("cpu", 1))
