@@ -133,7 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Optimizer updates in the whole run. 1500 and 2500 followed captions less; 4000 also
     # makes shapes follow them (README, Demo results), in twice the time.
     c.train.steps = 2000
-    c.train.global_batch = 32  # Examples per optimizer update, over all devices and hosts.
+    # Examples per optimizer update, over all devices and hosts. 64 x 1000 steps (the same
+    # examples, ~1.25x faster on 2 cores) followed captions less: 56/60 backgrounds unguided.
+    c.train.global_batch = 32
     c.train.grad_accum = 1  # Micro-batches per update (global_batch must divide evenly).
     c.train.param_dtype = "float32"  # Storage dtype of trainable params and optimizer state.
     c.train.compute_dtype = "float32"  # bfloat16 halves activation memory on TPU/GPU.
