@@ -1,11 +1,12 @@
-"""Checkpoint save time: jaxcond's single-process writes vs Orbax's replica-parallel default.
+"""Checkpoint save time: jaxcond's single-process host copy vs Orbax's device-array writes.
 
 Saves the demo's full train state (params, Adam state, EMA; ~850 arrays) replicated over
 `--devices` simulated CPU devices through `jaxcond.checkpoint.Checkpoints` (synchronous,
 so each save is timed to the end of its write), once as a single-process run saves
-(each replicated array written whole from one replica) and once with
-`replica_parallel=True`, Orbax's default (one slice per replica, cut by an eager device op
-each). Rounds alternate the order. Printed: median seconds per save and their ratio.
+(`host_copy`: the state fetched to the host in one transfer, written as numpy arrays) and
+once as Orbax writes the device arrays by default (replica-parallel: each replicated array
+cut into one slice per replica), as multi-host runs do. Rounds alternate the order.
+Printed: median seconds per save and their ratio.
 
     .venv/bin/python benchmarks/checkpoint_save.py [--devices 8] [--repeats 5]
 """
@@ -43,12 +44,12 @@ def main(tmp: str) -> None:
     run = train.build(cfg, os.path.join(tmp, "run"), devices=jax.devices()[:args.devices])
     state = run.initial_state()
     data = run.data.state(0)
-    modes = {"jaxcond": None, "orbax-default": True}  # replica_parallel
+    modes = {"jaxcond": None, "orbax-default": False}  # host_copy
     times: dict[str, list[float]] = {name: [] for name in modes}
     for r in range(args.repeats + 1):  # round 0 warms up (first-use compiles) and is dropped
         for name in (list(modes) if r % 2 else list(modes)[::-1]):
             ckpts = checkpoint.Checkpoints(os.path.join(tmp, f"{name}-{r}"), every_steps=1, keep=1,
-                                           async_save=False, replica_parallel=modes[name])
+                                           async_save=False, host_copy=modes[name])
             t0 = time.perf_counter()
             ckpts.save(1, state, cfg, data)
             ckpts.wait()

@@ -21,9 +21,7 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.metadata import array_metadata_store  # orbax is pinned exactly
 
 log = logging.getLogger("jaxcond")
 PARTIAL_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still being written
@@ -58,35 +56,15 @@ def config_to_json(cfg: ml_collections.ConfigDict) -> dict:
     return json.loads(cfg.to_json())
 
 
-def _state_handler(replica_parallel: bool) -> ocp.PyTreeCheckpointHandler:
-    """Orbax's standard pytree handler, except that without `replica_parallel` each
-    replicated array is written whole from one replica.
-
-    Orbax's default ("replica-parallel") cuts every replicated array into one slice per
-    replica so that several hosts share the write. In one process the same host writes
-    every slice anyway, and each cut is an eager device op per array and replica: with
-    the demo's state (~850 arrays) replicated on 8 devices that was most of a save's time
-    (benchmarks/checkpoint_save.py). `Checkpoints` keeps it for multi-host runs. Either way the
-    checkpoint restores to the same arrays, and older checkpoints restore unchanged."""
-    handlers = ocp.type_handlers
-    arrays = handlers.ArrayHandler(
-        use_replica_parallel=replica_parallel,
-        # As Orbax's own default handler: the store records typed PRNG keys' metadata.
-        array_metadata_store=array_metadata_store.Store())
-    registry = handlers.create_type_handler_registry(
-        *[(t, handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)],
-        (jax.Array, arrays))
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
-
-
 class Checkpoints:
     """A thin wrapper over ocp.CheckpointManager fixing jaxcond's layout and policy."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
-                 read_only: bool = False, replica_parallel: bool | None = None):
-        """`replica_parallel`: every replica writes a slice of each replicated array (Orbax's
-        default); None: only when several processes write (see _state_handler)."""
+                 read_only: bool = False, host_copy: bool | None = None):
+        """`host_copy`: save a host (numpy) copy of the state, fetched in one transfer,
+        instead of the device arrays; None: when this is the only process (see `save`)."""
         self.directory = os.path.abspath(directory)
+        self.host_copy = jax.process_count() == 1 if host_copy is None else host_copy
         self.partial = partial_checkpoints(self.directory)
         if self.partial and not read_only and jax.process_index() == 0:
             log.warning("ignoring %d partial checkpoint(s) in %s, left by a process that died while "
@@ -98,7 +76,7 @@ class Checkpoints:
                                                 create=True, enable_async_checkpointing=async_save))
         # Handlers named up front, so a fresh manager can also read a checkpoint's metadata.
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": _state_handler(jax.process_count() > 1 if replica_parallel is None else replica_parallel),
+            "state": ocp.PyTreeCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler()})
 
@@ -113,7 +91,17 @@ class Checkpoints:
         """Starts saving (asynchronously if configured); True if a save was started.
 
         A failed write, this one's or the previous asynchronous one's, raises
-        CheckpointError; the checkpoints completed before it stay intact."""
+        CheckpointError; the checkpoints completed before it stay intact.
+
+        With `host_copy` the state is fetched to the host in one batched transfer and written
+        as numpy arrays. Orbax writes device arrays one shard at a time with per-array
+        bookkeeping, and its default cuts each replicated array into one slice per replica
+        so that several hosts share the write: in one process that is pure overhead, most
+        of a save's time for the demo's ~850 small arrays (benchmarks/checkpoint_save.py).
+        Several processes cannot fetch each other's shards, so they write device arrays.
+        The files are the same kind either way: every checkpoint restores onto any mesh."""
+        if self.host_copy and (force or self._mgr.should_save(step)):
+            state = jax.device_get(state)
         try:
             return self._mgr.save(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state),
