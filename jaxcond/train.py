@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 import tqdm
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as ocp_multihost
 from PIL import Image
 
 from jaxcond import checkpoint, config as config_lib, masks as masks_lib, preemption, sharding, xla
@@ -36,6 +38,9 @@ from jaxcond.sampling import sample_grid
 
 log = logging.getLogger("jaxcond")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPILE_WAIT_MS = 30 * 60 * 1000  # how long hosts wait for the slowest one's step compile
+# A barrier id serves once; every process passes the same barriers in the same order.
+_BARRIER_IDS = itertools.count()
 
 
 def is_main_process() -> bool:
@@ -71,6 +76,7 @@ class Run:
     frozen: Any
     state_shardings: Any
     step_fn: Any = None  # the jitted train step of `spec`
+    compiled: set = dataclasses.field(default_factory=set)  # batch shapes `step` compiled ahead
 
     def jit_step(self, spec: ts.StepSpec, compiler_options: dict[str, Any] | None = None) -> Any:
         """The train step of `spec` compiled for the mesh, state donated, with
@@ -84,6 +90,21 @@ class Run:
                        in_shardings=(self.state_shardings, frozen_sh, batch_sh),  # every batch field
                        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                        donate_argnums=(0,), compiler_options=compiler_options)
+
+    def step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        """One train step. With several processes each new batch shape (bucket) is compiled
+        first and the processes wait for each other at a barrier of the coordination
+        service: otherwise a host that compiles faster waits for the slower one inside the
+        step's first collectives, whose set-up times out after 30 s on the CPU (gloo).
+        The jitted step then reuses the executable compiled here."""
+        if jax.process_count() > 1:
+            shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            if shapes not in self.compiled:
+                self.step_fn.lower(state, self.frozen, batch).compile()
+                ocp_multihost.get_barrier_sync_fn()(key=f"jaxcond_step_compiled_{next(_BARRIER_IDS)}",
+                                                    timeout_ms=COMPILE_WAIT_MS)
+                self.compiled.add(shapes)
+        return self.step_fn(state, self.frozen, batch)
 
     def initial_state(self) -> Any:
         init = functools.partial(ts.init_state, self.family, self.spec, self.tx,
@@ -379,7 +400,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         history, scores, samples = [], {}, None
         limit, skipped = cfg.train.max_skipped_updates, 0
         for step, batch in run.batches(start, end):
-            state, m = run.step_fn(state, run.frozen, batch)
+            state, m = run.step(state, batch)
             runlog.step(step, m)
             done = step + 1
             interrupted = stop.should_stop(done)

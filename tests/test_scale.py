@@ -152,7 +152,9 @@ def test_two_processes_equal_one_and_stop_together(config, tmp_path):
     (SIGTERM): both stop after the same step with one checkpoint written by both, exit 0,
     and resuming from it (here in one process) continues the one-process run."""
     cfg = copy.deepcopy(config)
-    cfg.train.steps, cfg.checkpoint.every_steps = 12, 2
+    # 14 steps, of which the one-process run trains 12: its final samples (a compile of
+    # their own) would check nothing here. The two processes stop long before.
+    cfg.train.steps, cfg.checkpoint.every_steps = 14, 2
     cfg.mesh.data, cfg.mesh.fsdp = 4, 2
 
     two = tmp_path / "two"
@@ -184,7 +186,7 @@ def test_two_processes_equal_one_and_stop_together(config, tmp_path):
         # and wait on each other.
         ref_cfg = copy.deepcopy(cfg)
         ref_cfg.checkpoint.keep = 1000
-        train_lib.train(ref_cfg, str(tmp_path / "one"), progress=False)
+        train_lib.train(ref_cfg, str(tmp_path / "one"), progress=False, stop_at=12)
         for p in procs:
             p.wait(timeout=400)
     finally:
@@ -194,7 +196,7 @@ def test_two_processes_equal_one_and_stop_together(config, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     stopped = int(outs[0].split("stopped by SIGTERM at step ")[1].split()[0])
-    assert 0 < stopped < cfg.train.steps
+    assert 0 < stopped < 12
     ckpts = checkpoint.Checkpoints(str(two / "checkpoints"), every_steps=1, keep=1, read_only=True)
     assert ckpts.complete_steps()[-1] == stopped
 
