@@ -45,20 +45,22 @@ def test_cache_gives_the_same_batches_as_the_files(built, family):
             np.testing.assert_allclose(got[f"cond/{k}"], v, atol=1e-6)
 
 
-def test_dropout_masks_and_nulls_identical_with_and_without_cache(built, family):
-    """The step drops and substitutes nulls on cached encodings exactly as on tokens."""
-    cfg = copy.deepcopy(built)
-    cfg.dropout.groups.caption.rate = 0.5
-    groups = config_lib.dropout_groups(cfg, family.conditioners)
-    files_data = pipeline.make_data(cfg, family, use_cache=False)
-    spec = ts.StepSpec.from_config(cfg, groups, files_data.steps_per_epoch)
-    tx, lr = ts.make_optimizer(cfg)
+def test_dropout_masks_and_nulls_identical_with_and_without_cache(built, family, tmp_path):
+    """The step drops and substitutes nulls on cached encodings exactly as on tokens.
+
+    The steps are the runs' own compiled programs (`train.build`), those that training from
+    the files and from the cache (the next test) runs."""
     seen = {}
-    for name, data in (("files", files_data), ("cache", pipeline.make_data(cfg, family))):
-        state = ts.init_state(family, spec, tx)
+    for name, use_cache in (("files", False), ("cache", True)):
+        cfg = copy.deepcopy(built)
+        cfg.data.cache = built.data.cache if use_cache else ""
+        run = train_lib.build(cfg, str(tmp_path / name))
+        spec = run.spec
+        state = run.initial_state()
         state["params"]["nulls"]["text"] += 1.0  # a null unlike any real encoding
         state["step"] = jnp.int32(2)
-        batch = jax.tree.map(jnp.asarray, data.batch(data.ids(2), 2))
+        state = jax.device_put(state, run.state_shardings)
+        batch = jax.tree.map(jnp.asarray, run.data.batch(run.data.ids(2), 2))
         x0 = family.images_to_x0(family.frozen, batch["images"])
         r = ts.step_randomness(spec, state["step"], x0.shape)
         cond = (family.encode(family.frozen, batch["tokens"]) if "tokens" in batch
@@ -67,7 +69,7 @@ def test_dropout_masks_and_nulls_identical_with_and_without_cache(built, family)
         nulls = dropout.null_values(dict(spec.nulls), empty, state["params"]["nulls"])
         seen[name] = (np.asarray(r["masks"]["caption"]),
                       jax.device_get(dropout.apply(cond, nulls, r["masks"], spec.groups)))
-        _, m = jax.jit(lambda s, b: ts.train_step(family, spec, tx, lr, s, family.frozen, b))(state, batch)
+        _, m = run.step_fn(state, run.frozen, run.put_batch(2))
         seen[name] += (float(m["loss"]), float(m["drop_frac/caption"]))
     (mask_f, cond_f, loss_f, frac_f), (mask_c, cond_c, loss_c, frac_c) = seen["files"], seen["cache"]
     np.testing.assert_array_equal(mask_f, mask_c)
@@ -132,10 +134,11 @@ def test_interrupted_cache_resumes_and_changed_files_are_noticed(config, family,
 def test_demo_cache_keeps_the_adherence_scores(config, family, tmp_path):
     cfg = copy.deepcopy(config)
     cfg.data.cache = str(tmp_path / "cache")
-    cfg.train.steps = 2
     cache.build(cfg, family, cfg.data.cache)
-    out = train_lib.train(cfg, str(tmp_path / "run"), progress=False)
-    assert set(out["scores"]) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
+    run = train_lib.build(cfg, str(tmp_path / "run"))
+    assert isinstance(run.data, cache.CachedData)
+    _, scores, _ = train_lib.evaluate(run, run.initial_state())
+    assert set(scores) == {"uncond", "cfg1", "cfg3", "cfg5", "chance"}
 
 
 def test_cli_cache_builds_and_explains_bad_settings(built, model_dir, image_folder, tmp_path):
