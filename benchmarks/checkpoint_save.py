@@ -1,12 +1,14 @@
-"""Checkpoint save time: jaxcond's single-process host copy vs Orbax's device-array writes.
+"""Checkpoint save and restore time: jaxcond's single-process host copy vs Orbax's device arrays.
 
 Saves the demo's full train state (params, Adam state, EMA; ~850 arrays) replicated over
 `--devices` simulated CPU devices through `jaxcond.checkpoint.Checkpoints` (synchronous,
 so each save is timed to the end of its write), once as a single-process run saves
 (`host_copy`: the state fetched to the host in one transfer, written as numpy arrays) and
 once as Orbax writes the device arrays by default (replica-parallel: each replicated array
-cut into one slice per replica), as multi-host runs do. Rounds alternate the order.
-Printed: median seconds per save and their ratio.
+cut into one slice per replica), as multi-host runs do. Each checkpoint is then restored
+onto the state's shardings the same way (host copy: numpy arrays placed in one device_put;
+Orbax: device arrays read shard by shard). Rounds alternate the order.
+Printed: median seconds per save and per restore, and their ratios.
 
     .venv/bin/python benchmarks/checkpoint_save.py [--devices 8] [--repeats 5]
 """
@@ -45,7 +47,7 @@ def main(tmp: str) -> None:
     state = run.initial_state()
     data = run.data.state(0)
     modes = {"jaxcond": None, "orbax-default": False}  # host_copy
-    times: dict[str, list[float]] = {name: [] for name in modes}
+    times = {(name, op): [] for name in modes for op in ("save", "restore")}
     for r in range(args.repeats + 1):  # round 0 warms up (first-use compiles) and is dropped
         for name in (list(modes) if r % 2 else list(modes)[::-1]):
             ckpts = checkpoint.Checkpoints(os.path.join(tmp, f"{name}-{r}"), every_steps=1, keep=1,
@@ -53,14 +55,19 @@ def main(tmp: str) -> None:
             t0 = time.perf_counter()
             ckpts.save(1, state, cfg, data)
             ckpts.wait()
+            t1 = time.perf_counter()
+            jax.block_until_ready(ckpts.restore(1, state))
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name, "save"].append(t1 - t0)
+                times[name, "restore"].append(time.perf_counter() - t1)
             ckpts.close()
     arrays = len(jax.tree.leaves(state))
-    print(f"\ndemo state: {arrays} arrays replicated on {args.devices} devices; {args.repeats} saves each")
-    for name, t in times.items():
-        print(f"{name:>14}: median {statistics.median(t):.2f} s per save (min {min(t):.2f}, max {max(t):.2f})")
-    print(f"jaxcond / orbax-default: {statistics.median(times['jaxcond']) / statistics.median(times['orbax-default']):.3f}")
+    print(f"\ndemo state: {arrays} arrays replicated on {args.devices} devices; {args.repeats} rounds")
+    for (name, op), t in times.items():
+        print(f"{name:>14} {op:>7}: median {statistics.median(t):.2f} s (min {min(t):.2f}, max {max(t):.2f})")
+    for op in ("save", "restore"):
+        ratio = statistics.median(times["jaxcond", op]) / statistics.median(times["orbax-default", op])
+        print(f"{op}: jaxcond / orbax-default: {ratio:.3f}")
 
 
 if __name__ == "__main__":
