@@ -146,16 +146,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_and_stop_together(config, tmp_path):
-    """Two processes x 4 CPU devices (gloo), each started by `jaxcond train`'s command line,
-    vs one process x 8: same masks, same run. Only process 1 gets the preemption notice
+def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tmp_path):
+    """Two processes x 4 CPU devices (gloo; mesh data=2 x fsdp=4, data across the
+    processes), each started by `jaxcond train`'s command line, vs the one-process x 8
+    reference run (data=8): same masks, same run. Only process 1 gets the preemption notice
     (SIGTERM): both stop after the same step with one checkpoint written by both, exit 0,
     and resuming from it (here in one process) continues the one-process run."""
-    cfg = copy.deepcopy(config)
-    # 14 steps, of which the one-process run trains 12: its final samples (a compile of
-    # their own) would check nothing here. The two processes stop long before.
-    cfg.train.steps, cfg.checkpoint.every_steps = 14, 2
-    cfg.mesh.data, cfg.mesh.fsdp = 4, 2
+    # test_resume_onto_a_different_mesh's config: the one-process resume below runs its
+    # compiled step. The preemption stops the two processes within a step or two of 8.
+    cfg = copy.deepcopy(run_config)
+    cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+    assert cfg.checkpoint.every_steps == 4 and cfg.train.steps == 8
 
     two = tmp_path / "two"
     two.mkdir()
@@ -182,11 +183,6 @@ def test_two_processes_equal_one_and_stop_together(config, tmp_path):
                     env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
         preempt = threading.Thread(target=preempt_process_1, daemon=True)
         preempt.start()
-        # The one-process run meanwhile (every checkpoint kept): the two start up, compile
-        # and wait on each other.
-        ref_cfg = copy.deepcopy(cfg)
-        ref_cfg.checkpoint.keep = 1000
-        train_lib.train(ref_cfg, str(tmp_path / "one"), progress=False, stop_at=12)
         for p in procs:
             p.wait(timeout=400)
     finally:
@@ -196,17 +192,18 @@ def test_two_processes_equal_one_and_stop_together(config, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     stopped = int(outs[0].split("stopped by SIGTERM at step ")[1].split()[0])
-    assert 0 < stopped < 12
+    assert 0 < stopped < cfg.train.steps
     ckpts = checkpoint.Checkpoints(str(two / "checkpoints"), every_steps=1, keep=1, read_only=True)
     assert ckpts.complete_steps()[-1] == stopped
 
-    one_masks, one_metrics = _jsonl(tmp_path / "one" / "masks.jsonl"), _jsonl(tmp_path / "one" / "metrics.jsonl")
+    one_masks = _jsonl(reference_run.workdir / "masks.jsonl")
+    one_metrics = _jsonl(reference_run.workdir / "metrics.jsonl")
     assert _jsonl(two / "masks.jsonl") == one_masks[:stopped]
     two_metrics = _jsonl(two / "metrics.jsonl")
     assert [m["step"] for m in two_metrics] == list(range(1, stopped + 1))
     for a, b in zip(one_metrics, two_metrics):
         assert a["drop_frac/caption"] == b["drop_frac/caption"]
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)  # as across meshes below
     # Each process loaded exactly its half of every global batch it trained on (and maybe
     # of the next ones, prefetched before the stop), nothing else.
     halves = [json.loads((two / f"loaded_{i}.json").read_text()) for i in range(2)]
@@ -219,11 +216,13 @@ def test_two_processes_equal_one_and_stop_together(config, tmp_path):
     # Logs equal to the one-process run (above) mean a single writer: both would duplicate lines.
     assert (two / "tb").is_dir()
 
-    even = stopped + stopped % 2  # the one-process run checkpointed the even steps
-    got = train_lib.train(cfg, str(two), progress=False, stop_at=even)["state"]["params"]
-    want = train_lib.load_trained(str(tmp_path / "one"), even).state["params"]
-    assert _jsonl(two / "masks.jsonl") == one_masks[:even]
-    # Reductions run in another order across processes; Adam turns the rounding of
-    # near-zero gradients into steps bounded by the learning rate (1e-3 here).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), jax.device_get(want),
+    # To the reference's next checkpoint (steps 4 and 8).
+    nxt = -(-(stopped + 1) // cfg.checkpoint.every_steps) * cfg.checkpoint.every_steps
+    got = train_lib.train(cfg, str(two), progress=False, stop_at=nxt)["state"]["params"]
+    want = train_lib.load_trained(str(reference_run.workdir), nxt).state["params"]
+    assert _jsonl(two / "masks.jsonl") == one_masks[:nxt]
+    # Reductions run in another order on another mesh; Adam turns the rounding of
+    # near-zero gradients into steps bounded by the learning rate (as
+    # test_resume_onto_a_different_mesh allows).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), jax.device_get(want),
                  jax.device_get(got))
