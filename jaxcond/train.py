@@ -74,9 +74,13 @@ class Run:
     mesh: jax.sharding.Mesh
     data: pipeline.Data
     frozen: Any
-    state_shardings: Any
+    abstract_state: Any  # the train state's shapes, dtypes and shardings (jax.ShapeDtypeStruct)
     step_fn: Any = None  # the jitted train step of `spec`
     compiled: set = dataclasses.field(default_factory=set)  # batch shapes `step` compiled ahead
+
+    @property
+    def state_shardings(self) -> Any:
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
     def jit_step(self, spec: ts.StepSpec, compiler_options: dict[str, Any] | None = None) -> Any:
         """The train step of `spec` compiled for the mesh, state donated, with
@@ -141,9 +145,10 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
     abstract = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx,
                                                 DTYPES[cfg.train.param_dtype]))
     state_sh = sharding.param_shardings(mesh, abstract, cfg.mesh.fsdp_min_size)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     frozen = jax.device_put(family.frozen,
                             sharding.param_shardings(mesh, family.frozen, cfg.mesh.fsdp_min_size))
-    run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, state_sh)
+    run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, abstract)
     run.step_fn = run.jit_step(spec)
     return run
 
@@ -166,11 +171,8 @@ def restore_or_init(run: Run, ckpts: checkpoint.Checkpoints, allow_config_change
             + "\nUse a new --workdir, or pass --allow_config_change to resume anyway.")
     for c in conflicts:
         log.warning("resuming despite a changed config: %s", c)
-    target = jax.eval_shape(run.initial_state)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, run.state_shardings)
     log.info("resuming from step %d", step)
-    return ckpts.restore(step, target)
+    return ckpts.restore(step, run.abstract_state)
 
 
 @dataclasses.dataclass
