@@ -203,7 +203,7 @@ def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tm
     assert [m["step"] for m in two_metrics] == list(range(1, stopped + 1))
     for a, b in zip(one_metrics, two_metrics):
         assert a["drop_frac/caption"] == b["drop_frac/caption"]
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)  # as across meshes below
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     # Each process loaded exactly its half of every global batch it trained on (and maybe
     # of the next ones, prefetched before the stop), nothing else.
     halves = [json.loads((two / f"loaded_{i}.json").read_text()) for i in range(2)]
@@ -221,8 +221,8 @@ def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tm
     got = train_lib.train(cfg, str(two), progress=False, stop_at=nxt)["state"]["params"]
     want = train_lib.load_trained(str(reference_run.workdir), nxt).state["params"]
     assert _jsonl(two / "masks.jsonl") == one_masks[:nxt]
-    # Reductions run in another order on another mesh; Adam turns the rounding of
-    # near-zero gradients into steps bounded by the learning rate (as
-    # test_resume_onto_a_different_mesh allows).
+    # Reductions run in another order across processes and meshes; Adam turns the rounding
+    # of near-zero gradients into steps bounded by the learning rate (up to 1.7e-4 seen
+    # here, as test_resume_onto_a_different_mesh allows across meshes).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), jax.device_get(want),
                  jax.device_get(got))
