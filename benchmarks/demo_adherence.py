@@ -10,6 +10,9 @@ any line misses it:
 * shape colour right in >= 56/60 without guidance and 60/60 at guidance 3,
 * unconditional samples within 0.15 of chance on background and colour.
 
+Under a failed line it lists the samples that missed (caption, and what the pixel reader
+saw instead), e.g. an empty background where the caption asked for a small white shape.
+
     python benchmarks/demo_adherence.py [--workdir runs/demo_bench] [--config.field=value ...]
 """
 
@@ -22,6 +25,7 @@ import ml_collections
 
 BAR = [("cfg1", "background", ">=", 60 / 60), ("cfg3", "background", ">=", 60 / 60),
        ("cfg1", "color", ">=", 56 / 60), ("cfg3", "color", ">=", 60 / 60)]
+SHOW_MISSES = 8  # samples listed under a failed line (which caption, what was drawn)
 
 
 def demo_flags(workdir: str, workdir_help: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -37,16 +41,30 @@ def demo_flags(workdir: str, workdir_help: str) -> tuple[ml_collections.ConfigDi
 
 def main() -> int:
     cfg, workdir = demo_flags("runs/demo_bench", "Run directory (resumed if it exists).")
+    from jaxcond.data import demo as demo_data, pipeline
     from jaxcond.train import train
 
     n = cfg.sample.num_prompts * cfg.sample.per_prompt
-    scores = train(cfg, workdir)["scores"]
+    result = train(cfg, workdir)
+    scores = result["scores"]
+    # The samples the scores were read from: columns uncond, then cfg<g> per guidance scale.
+    columns = ["uncond"] + [f"cfg{g:g}" for g in cfg.sample.guidance]
+    captions = [c for c in pipeline.DemoEval(cfg).eval_captions(cfg.sample.num_prompts)
+                for _ in range(cfg.sample.per_prompt)]
+    targets = [demo_data.parse_caption(c) for c in captions]
     ok = True
     for col, key, op, want in BAR:
         got = scores[col][key]
         passed = got >= want - 1e-9
         ok &= passed
         print(f"{'PASS' if passed else 'FAIL'} {col:>6} {key:<10} {round(got * n)}/{n} {op} {round(want * n)}/{n}")
+        if not passed and result["samples"] is not None:
+            missed = demo_data.misses(result["samples"][columns.index(col)], targets, [key])
+            for i, read in missed[:SHOW_MISSES]:
+                shape = f"{read.color} {read.shape}" if read.shape else "no shape"
+                print(f"         sample {i} {captions[i]!r}: read as {shape} on {read.background}")
+            if len(missed) > SHOW_MISSES:
+                print(f"         ... and {len(missed) - SHOW_MISSES} more")
     for key in ("background", "color"):
         gap = abs(scores["uncond"][key] - scores["chance"][key])
         passed = gap <= 0.15

@@ -20,6 +20,7 @@ from jaxcond.data.demo import (
     chance_adherence,
     classify,
     grid_array,
+    misses,
     parse_caption,
     render,
     save_grid,
@@ -259,6 +260,13 @@ def test_adherence_hand_made():
     assert adherence(images[:4], truth) == {"background": 1.0, "color": 1.0, "shape": 1.0, "all": 1.0}
     with pytest.raises(ValueError):
         adherence(images, truth)  # length mismatch
+    # The samples behind those fractions, with what was read from each.
+    assert [i for i, _ in misses(images, targets, ["background"])] == [1]
+    assert [i for i, _ in misses(images, targets, ["color", "shape"])] == [2, 3, 4]
+    assert misses(images, targets, ["color"])[-1] == (4, Attrs(shape="", color="", background="black"))
+    assert misses(images[:4], truth, ["shape", "color", "background"]) == []
+    with pytest.raises(ValueError, match="unknown attribute 'colour'"):
+        misses(images, targets, ["colour"])
 
 
 def test_chance_adherence():

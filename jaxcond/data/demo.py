@@ -34,6 +34,7 @@ __all__ = [
     "DemoDataset",
     "classify",
     "adherence",
+    "misses",
     "chance_adherence",
     "grid_array",
     "save_grid",
@@ -385,6 +386,19 @@ def adherence(images: np.ndarray, targets: Sequence[Attrs]) -> dict[str, float]:
         "shape": float(acc[2]),
         "all": float(hits.all(axis=1).mean()),
     }
+
+
+def misses(images: np.ndarray, targets: Sequence[Attrs], keys: Sequence[str]) -> list[tuple[int, Attrs]]:
+    """``(index, what was read)`` of each image whose classified ``keys`` (fields of
+    :class:`Attrs`) differ from its target's: the samples behind an adherence below 1."""
+    images = _check_images(images)
+    if len(images) != len(targets):
+        raise ValueError(f"{len(images)} images but {len(targets)} targets")
+    for k in keys:
+        if k not in ("shape", "color", "background"):
+            raise ValueError(f"unknown attribute {k!r}; expected shape, color or background")
+    return [(i, p) for i, (p, t) in enumerate(zip(classify(images), targets))
+            if any(getattr(p, k) != getattr(t, k) for k in keys)]
 
 
 def chance_adherence(targets: Sequence[Attrs]) -> dict[str, float]:
