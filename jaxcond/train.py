@@ -128,6 +128,15 @@ class Run:
             yield int(step), sharding.assemble(self.mesh, self.spec.global_batch, rows, local)
 
 
+def abstract_state(family: Family, spec: ts.StepSpec, tx: optax.GradientTransformation, param_dtype: str,
+                   shardings: Any) -> Any:
+    """The train state's shapes and dtypes (traced, nothing computed), each placed where
+    `shardings(shapes)` (a tree of shardings) says: what a restore fills in."""
+    shapes = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx, DTYPES[param_dtype]))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        shardings(shapes))
+
+
 def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Run:
     """Validates the config and builds model, data, mesh and the compiled step."""
     devices = jax.devices() if devices is None else devices
@@ -142,10 +151,8 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
     data = pipeline.make_data(cfg, family)
     spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)
     tx, lr = ts.make_optimizer(cfg)
-    abstract = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx,
-                                                DTYPES[cfg.train.param_dtype]))
-    state_sh = sharding.param_shardings(mesh, abstract, cfg.mesh.fsdp_min_size)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    abstract = abstract_state(family, spec, tx, cfg.train.param_dtype,
+                              lambda shapes: sharding.param_shardings(mesh, shapes, cfg.mesh.fsdp_min_size))
     frozen = jax.device_put(family.frozen,
                             sharding.param_shardings(mesh, family.frozen, cfg.mesh.fsdp_min_size))
     run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, abstract)
@@ -213,10 +220,9 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
     spec = ts.StepSpec.from_config(cfg, groups, 1)
     tx, _ = ts.make_optimizer(cfg)
-    target = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx, DTYPES[cfg.train.param_dtype]))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = ckpts.restore(step, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                                             target))
+    state = ckpts.restore(step, abstract_state(family, spec, tx, cfg.train.param_dtype,
+                                               lambda shapes: jax.tree.map(lambda _: one, shapes)))
     ckpts.close()
     return Trained(cfg, family, spec, state, step)
 
