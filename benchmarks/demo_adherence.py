@@ -42,15 +42,12 @@ def demo_flags(workdir: str, workdir_help: str) -> tuple[ml_collections.ConfigDi
 def main() -> int:
     cfg, workdir = demo_flags("runs/demo_bench", "Run directory (resumed if it exists).")
     from jaxcond.data import demo as demo_data, pipeline
-    from jaxcond.train import train
+    from jaxcond.train import eval_layout, train
 
     n = cfg.sample.num_prompts * cfg.sample.per_prompt
     result = train(cfg, workdir)
     scores = result["scores"]
-    # The samples the scores were read from: columns uncond, then cfg<g> per guidance scale.
-    columns = ["uncond"] + [f"cfg{g:g}" for g in cfg.sample.guidance]
-    captions = [c for c in pipeline.DemoEval(cfg).eval_captions(cfg.sample.num_prompts)
-                for _ in range(cfg.sample.per_prompt)]
+    columns, captions = eval_layout(cfg, pipeline.DemoEval(cfg))  # of the samples scored
     targets = [demo_data.parse_caption(c) for c in captions]
     ok = True
     for col, key, op, want in BAR:

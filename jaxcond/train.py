@@ -227,27 +227,31 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     return Trained(cfg, family, spec, state, step)
 
 
+def eval_layout(cfg: ml_collections.ConfigDict, data: Any) -> tuple[list[str], list[str]]:
+    """The axes of `evaluate`'s samples: column names (unconditional, the trained null
+    alone, then cfg<g> per guidance scale) and each row's caption (`per_prompt` rows for
+    each of `data.eval_captions`)."""
+    s = cfg.sample
+    names = ["uncond"] + [f"cfg{g:g}" for g in s.guidance]
+    return names, [c for c in data.eval_captions(s.num_prompts) for _ in range(s.per_prompt)]
+
+
 def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, float]], np.ndarray]:
     """Samples the validation prompts; returns the grid, caption adherence per column and
-    the samples [columns, prompts x per_prompt, H, W, 3].
-
-    Columns: unconditional (the trained null alone), then each guidance scale.
-    """
+    the samples [columns, prompts x per_prompt, H, W, 3] (`eval_layout`)."""
     s = run.cfg.sample
     params = state["ema"] if s.use_ema and "ema" in state else state["params"]
-    prompts = run.data.eval_captions(s.num_prompts)
-    captions = [c for c in prompts for _ in range(s.per_prompt)]
+    names, captions = eval_layout(run.cfg, run.data)
     scales = (0.0,) + tuple(s.guidance)
     images = sample_grid(run.family, run.spec, params, run.frozen, captions, scales,
                          s.seed, s.steps, s.scheduler, mesh=run.mesh)
-    names = ["uncond"] + [f"cfg{g:g}" for g in s.guidance]
     scores = {n: run.data.score(images[i], captions) for i, n in enumerate(names)}
     scores = {n: v for n, v in scores.items() if v is not None}
     if scores:
         scores["chance"] = run.data.chance(captions)
     first = images[:, ::s.per_prompt]  # one sample per prompt for the picture
     grid = demo_data.grid_array(np.concatenate(np.swapaxes(first, 0, 1)), nrow=len(scales),
-                                row_labels=prompts, col_labels=names)
+                                row_labels=captions[::s.per_prompt], col_labels=names)
     return grid, scores, images
 
 

@@ -365,17 +365,23 @@ def classify(images: np.ndarray) -> list[Attrs]:
     return [_classify_one(img) for img in images]
 
 
-def adherence(images: np.ndarray, targets: Sequence[Attrs]) -> dict[str, float]:
-    """Fractions of images whose classified background/color/shape (and all three) match."""
+def _read_against(images: np.ndarray, targets: Sequence[Attrs]) -> list[Attrs]:
+    """:func:`classify` of images that each have a target."""
     images = _check_images(images)
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
+    return classify(images)
+
+
+def adherence(images: np.ndarray, targets: Sequence[Attrs]) -> dict[str, float]:
+    """Fractions of images whose classified background/color/shape (and all three) match."""
+    read = _read_against(images, targets)
     if len(targets) == 0:
         raise ValueError("adherence of zero images is undefined")
     hits = np.array(
         [
             (p.background == t.background, p.color == t.color, p.shape == t.shape)
-            for p, t in zip(classify(images), targets)
+            for p, t in zip(read, targets)
         ],
         dtype=bool,
     )
@@ -391,13 +397,10 @@ def adherence(images: np.ndarray, targets: Sequence[Attrs]) -> dict[str, float]:
 def misses(images: np.ndarray, targets: Sequence[Attrs], keys: Sequence[str]) -> list[tuple[int, Attrs]]:
     """``(index, what was read)`` of each image whose classified ``keys`` (fields of
     :class:`Attrs`) differ from its target's: the samples behind an adherence below 1."""
-    images = _check_images(images)
-    if len(images) != len(targets):
-        raise ValueError(f"{len(images)} images but {len(targets)} targets")
     for k in keys:
         if k not in ("shape", "color", "background"):
             raise ValueError(f"unknown attribute {k!r}; expected shape, color or background")
-    return [(i, p) for i, (p, t) in enumerate(zip(classify(images), targets))
+    return [(i, p) for i, (p, t) in enumerate(zip(_read_against(images, targets), targets))
             if any(getattr(p, k) != getattr(t, k) for k in keys)]
 
 
