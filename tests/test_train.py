@@ -249,23 +249,23 @@ def test_cpu_devices_split_the_cpu_unless_xla_flags_or_jax_came_first(tmp_path):
     """config.mesh.cpu_devices is applied before JAX starts (`train` calls it first); an
     explicit device count in XLA_FLAGS wins, and a process that already used JAX keeps its
     devices, saying so. Each case is a fresh process (the count is fixed once JAX starts)."""
-    def devices(code: str, xla_flags: str) -> list[str]:
+    def python(code: str, xla_flags: str) -> tuple[str, str]:  # stdout, stderr
         env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
         out = subprocess.run([sys.executable, "-c", "import logging, jax; from jaxcond import xla; "
                               "logging.basicConfig(format='%(message)s'); " + code],
                              env=env, capture_output=True, text=True, check=True)
-        return [out.stdout.strip(), out.stderr]
+        return out.stdout.strip(), out.stderr
 
     count = "print(jax.local_device_count())"
-    assert devices(f"xla.use_cpu_devices(2); {count}", "")[0] == "2"
-    assert devices(f"xla.use_cpu_devices(0); {count}", "")[0] == "1"
-    assert devices(f"xla.use_cpu_devices(2); {count}", "--xla_force_host_platform_device_count=3")[0] == "3"
-    late, log = devices(f"logging.getLogger('jaxcond').setLevel('INFO'); jax.devices(); "
-                        f"xla.use_cpu_devices(2); {count}", "")
+    assert python(f"xla.use_cpu_devices(2); {count}", "")[0] == "2"
+    assert python(f"xla.use_cpu_devices(0); {count}", "")[0] == "1"
+    assert python(f"xla.use_cpu_devices(2); {count}", "--xla_force_host_platform_device_count=3")[0] == "3"
+    late, log = python(f"logging.getLogger('jaxcond').setLevel('INFO'); jax.devices(); "
+                       f"xla.use_cpu_devices(2); {count}", "")
     assert late == "1" and "config.mesh.cpu_devices = 2 not applied" in log, log
     # train() applies the config's count first thing (this config then fails validation).
     run = ("from configs import demo; from jaxcond import config, train; c = demo.get_config(); "
            f"c.train.steps = 0; c.mesh.cpu_devices = 4\ntry: train.train(c, {str(tmp_path)!r})\n"
            "except config.ConfigError as e: print(e)\n" + count)
-    failed, _ = devices(run, "")
+    failed, _ = python(run, "")
     assert failed.splitlines() == ["config.train.steps = 0: must be an integer >= 1", "4"], failed
