@@ -74,9 +74,6 @@ def with_rate(cfg: ml_collections.ConfigDict, rate: float) -> ml_collections.Con
         group.rate = rate
     cfg.sample.guidance = GUIDANCE
     cfg.train.sample_every = 0  # the intermediate grid changes no weights; it only costs time
-    # Each run has half the cores (below): one CPU device each, as the README's table was
-    # measured (the device count changes float rounding, never masks, noise or data).
-    cfg.mesh.cpu_devices = 1
     return cfg
 
 

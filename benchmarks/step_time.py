@@ -25,9 +25,8 @@ changes mid-run).
 Targets (1 device): sharded / plain <= 1.05 and sharded / nodrop <= 1.02; jaxopts /
 sharded is what jaxcond's compiler options buy (> 1 means faster with them).
 With --devices D > 1 the script sets XLA_FLAGS=--xla_force_host_platform_device_count=D
-itself and compares `sharded` on D CPU devices with `plain` on one device at equal global
-batch: report only. D = 2 is how the demo splits a CPU (config.mesh.cpu_devices), so
-sharded/plain is what that split buys; a larger D simulates devices sharing the cores.
+itself and compares `sharded` on D simulated devices with `plain` on one device at
+equal global batch: report only, a CPU simulation has no target.
 """
 
 from __future__ import annotations

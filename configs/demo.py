@@ -152,10 +152,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # Parameter-sharding axis size (batch is also split over it).
     c.mesh.dcn_data = 1  # TPU slices the data axis spans (multi-slice); must divide mesh.data.
     c.mesh.fsdp_min_size = 512  # Tensors with fewer elements stay replicated (not worth a gather).
-    # CPU runs: XLA devices this process's CPU is split into (data-parallel, one thread
-    # each); on 2 cores 2 took 0.92x the step time of 1 (README). 0 = jax's default (one).
-    # XLA_FLAGS=--xla_force_host_platform_device_count wins. No effect on GPU/TPU meshes.
-    c.mesh.cpu_devices = 2
 
     # --- Checkpoints -------------------------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()

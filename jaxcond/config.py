@@ -133,7 +133,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(sizes["data"] % cfg.mesh.dcn_data == 0, "mesh.dcn_data", cfg.mesh.dcn_data,
            f"must divide the data axis ({sizes['data']}): each slice holds an equal part of it")
     _int_at_least("mesh.fsdp_min_size", cfg.mesh.fsdp_min_size, 1)
-    _int_at_least("mesh.cpu_devices", cfg.mesh.cpu_devices, 0)
     _check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
            f"must be divisible by config.train.grad_accum = {t.grad_accum}")
     micro = t.global_batch // t.grad_accum

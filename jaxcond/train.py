@@ -387,7 +387,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     cfg.train.max_skipped_updates updates were skipped for non-finite numbers.
     Every process of a multi-host run calls this with the same arguments.
     """
-    xla.use_cpu_devices(cfg.mesh.cpu_devices)  # before anything starts JAX's CPU backend
     prepare_run_dir(workdir)
     with preemption.StopRequests() as stop:  # from here on, SIGTERM/Ctrl-C end the run cleanly
         run = build(cfg, workdir)

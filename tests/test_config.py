@@ -25,7 +25,6 @@ BAD = [
     ("diffusion.prediction_type", "x0", r"config.diffusion.prediction_type = 'x0'"),
     ("model.demo.unet_channels", (16, 32), r"config.model.demo.unet_channels .* multiple of 32"),
     ("seed", -1, r"config.seed = -1"),
-    ("mesh.cpu_devices", -1, r"config.mesh.cpu_devices = -1"),
 ]
 
 

@@ -218,15 +218,15 @@ def test_sampling_never_drops_and_uses_the_trained_null(config, family):
 YNN_FUSION = '"kind":"__ynn_fusion"'
 
 
-def test_ynnpack_off_with_one_or_two_cpu_devices_only(run_config, tmp_path):
-    """`jaxcond.xla` turns XLA:CPU's YNNPACK fusions off in a process with one or two CPU
-    devices and keeps jax's defaults with more (this process has 8 simulated devices), for the
+def test_ynnpack_off_with_one_cpu_device_only(run_config, tmp_path):
+    """`jaxcond.xla` turns XLA:CPU's YNNPACK fusions off in a process with one CPU device
+    and keeps jax's defaults with several (this process has 8 simulated devices), for the
     step (`Run.jit_step`) and `xla.jit` (the sampler's and cache encoders' jit). jax's
     defaults make the fusions, so each pair of asserts can fail (e.g. a jax upgrade that
     makes the option a no-op)."""
-    off = {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert xla.options("cpu", 1) == xla.options("cpu", 2) == off
-    assert xla.options("cpu", 3) == xla.options("cpu", 8) == xla.options("cpu") == xla.options("gpu", 1) == {}
+    assert xla.options("cpu", 1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    # Two devices too: there the option made XLA:CPU compute wrong rows (jaxcond/xla.py).
+    assert xla.options("cpu", 2) == xla.options("cpu", 8) == xla.options("cpu") == xla.options("gpu", 1) == {}
     # run_config on one device: test_sharded_step_matches_one_device's program (compiled once).
     run = train_lib.build(run_config, str(tmp_path), devices=jax.devices()[:1])
     args = (run.initial_state(), run.frozen, run.put_batch(0))
@@ -243,29 +243,3 @@ def test_ynnpack_off_with_one_or_two_cpu_devices_only(run_config, tmp_path):
     assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
     f = xla.jit(lambda w, x: jnp.tanh(x @ w))
     assert YNN_FUSION in f.lower(jnp.ones((64, 64)), jnp.ones((32, 64))).compile().as_text()
-
-
-def test_cpu_devices_split_the_cpu_unless_xla_flags_or_jax_came_first(tmp_path):
-    """config.mesh.cpu_devices is applied before JAX starts (`train` calls it first); an
-    explicit device count in XLA_FLAGS wins, and a process that already used JAX keeps its
-    devices, saying so. Each case is a fresh process (the count is fixed once JAX starts)."""
-    def python(code: str, xla_flags: str) -> tuple[str, str]:  # stdout, stderr
-        env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-        out = subprocess.run([sys.executable, "-c", "import logging, jax; from jaxcond import xla; "
-                              "logging.basicConfig(format='%(message)s'); " + code],
-                             env=env, capture_output=True, text=True, check=True)
-        return out.stdout.strip(), out.stderr
-
-    count = "print(jax.local_device_count())"
-    assert python(f"xla.use_cpu_devices(2); {count}", "")[0] == "2"
-    assert python(f"xla.use_cpu_devices(0); {count}", "")[0] == "1"
-    assert python(f"xla.use_cpu_devices(2); {count}", "--xla_force_host_platform_device_count=3")[0] == "3"
-    late, log = python(f"logging.getLogger('jaxcond').setLevel('INFO'); jax.devices(); "
-                       f"xla.use_cpu_devices(2); {count}", "")
-    assert late == "1" and "config.mesh.cpu_devices = 2 not applied" in log, log
-    # train() applies the config's count first thing (this config then fails validation).
-    run = ("from configs import demo; from jaxcond import config, train; c = demo.get_config(); "
-           f"c.train.steps = 0; c.mesh.cpu_devices = 4\ntry: train.train(c, {str(tmp_path)!r})\n"
-           "except config.ConfigError as e: print(e)\n" + count)
-    failed, _ = python(run, "")
-    assert failed.splitlines() == ["config.train.steps = 0: must be an integer >= 1", "4"], failed
