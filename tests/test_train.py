@@ -233,6 +233,13 @@ def test_ynnpack_off_with_one_cpu_device_only(run_config, tmp_path):
     assert YNN_FUSION in run.step_fn.lower(*args).compile().as_text()
     one_device = run.jit_step(run.spec, compiler_options=xla.options("cpu", 1))
     assert YNN_FUSION not in one_device.lower(*args).compile().as_text()
+    # And it computes the same step: on two devices the option gave wrong rows, so the
+    # one-device program it ships in is checked by its numbers, not only by its HLO.
+    # (Step 0's learning rate is 0 in warm-up: the forward pass shows in the loss, the
+    # backward pass in the gradient norm.)
+    (_, m0), (_, m1) = run.step_fn(*args), one_device(run.initial_state(), *args[1:])
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, err_msg=k)
     # A process with one CPU device (jax's own default), end to end through xla.jit.
     code = (f"YNN_FUSION = {YNN_FUSION!r}; "
             "import jax, jax.numpy as jnp; from jaxcond import xla; "
