@@ -230,14 +230,15 @@ def test_ynnpack_off_with_one_cpu_device_only(run_config, tmp_path):
     # run_config on one device: test_sharded_step_matches_one_device's program (compiled once).
     run = train_lib.build(run_config, str(tmp_path), devices=jax.devices()[:1])
     args = (run.initial_state(), run.frozen, run.put_batch(0))
-    assert YNN_FUSION in run.step_fn.lower(*args).compile().as_text()
-    one_device = run.jit_step(run.spec, compiler_options=xla.options("cpu", 1))
-    assert YNN_FUSION not in one_device.lower(*args).compile().as_text()
+    with_defaults = run.step_fn.lower(*args).compile()
+    assert YNN_FUSION in with_defaults.as_text()
+    with_option = run.jit_step(run.spec, compiler_options=xla.options("cpu", 1)).lower(*args).compile()
+    assert YNN_FUSION not in with_option.as_text()
     # And it computes the same step: on two devices the option gave wrong rows, so the
     # one-device program it ships in is checked by its numbers, not only by its HLO.
     # (Step 0's learning rate is 0 in warm-up: the forward pass shows in the loss, the
-    # backward pass in the gradient norm.)
-    (_, m0), (_, m1) = run.step_fn(*args), one_device(run.initial_state(), *args[1:])
+    # backward pass in the gradient norm.) The executables above run: no second compile.
+    (_, m0), (_, m1) = with_defaults(*args), with_option(run.initial_state(), *args[1:])
     for k in ("loss", "grad_norm"):
         np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, err_msg=k)
     # A process with one CPU device (jax's own default), end to end through xla.jit.
