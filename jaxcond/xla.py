@@ -22,7 +22,8 @@ import jax
 # turning them off made it 1.14x slower instead, so there jax's defaults stay.
 # Never with several devices anyway: with the option, a data=2 mesh of 2 CPU devices gave
 # wrong samples in the first two rows of each device's shard (jaxlib 0.10.2, 2026-12-02;
-# the same program with jax's defaults, or on one device, matched within one uint8 step).
+# the same program with jax's defaults, or on one device, matched within one uint8 step;
+# docs/upstream/xla_cpu_ynn_two_devices.py is a standalone repro to rerun after upgrades).
 # CPU only: the GPU and TPU compilers never see the option.
 _ONE_DEVICE_CPU = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
