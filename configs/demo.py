@@ -165,7 +165,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.per_prompt = 5  # Samples per caption and guidance scale for the adherence numbers.
     c.sample.guidance = (1.0, 3.0, 5.0)  # Classifier-free guidance scales (columns).
     c.sample.steps = 50  # Sampler steps.
-    c.sample.scheduler = "ddim"  # ddim | euler_a (ancestral) | dpm++ (2M); see jaxcond/sampling.py.
+    c.sample.scheduler = "ddim"  # ddim | euler | euler_a (ancestral) | dpm++ (2M); see jaxcond/sampling.py.
     c.sample.use_ema = True  # Sample with the EMA params.
     c.sample.seed = 1234  # Sampling noise seed (independent of training).
     return c

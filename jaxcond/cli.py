@@ -28,7 +28,7 @@ examples:
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
   jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
   jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \
-      --steps 50 --seed 0 [--scheduler ddim|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
+      --steps 50 --seed 0 [--scheduler ddim|euler|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
   jaxcond verify --run runs/demo
 """
 
@@ -49,7 +49,7 @@ _NEGATIVE = flags.DEFINE_string("negative_prompt", None,
                                 "sample: its encoding replaces the trained nulls in the unconditional branch.")
 _GUIDANCE = flags.DEFINE_list("guidance", ["1", "3", "7"], "sample: classifier-free guidance scales (columns).")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
-_SCHEDULER = flags.DEFINE_string("scheduler", "ddim", "sample: ddim | euler_a | dpm++.")
+_SCHEDULER = flags.DEFINE_string("scheduler", "ddim", "sample: ddim | euler | euler_a | dpm++.")
 _SINGLE = flags.DEFINE_bool("single_file", False,
                             "export: also one .safetensors in the original SD layout (latent models).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "shards: number of shard files.", lower_bound=1)
