@@ -11,6 +11,7 @@ during the timed rounds are counted per variant: any would be a recompile inside
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -75,8 +76,14 @@ def print_table(variants: Mapping[str, Variant]) -> None:
 def ratio(num: Sequence[float], den: Sequence[float]) -> tuple[float, str]:
     """The ratio of the medians of two variants' times, and it printed with the median,
     min and max of the per-round ratios (the per-round median is the robust one when the
-    machine's load changes mid-run)."""
+    machine's load changes mid-run) and how many rounds' ratios exceed 1: a two-sided sign
+    test of "no difference" on that count tells parity from a real gap (at parity each
+    round is a coin flip)."""
     r = statistics.median(num) / statistics.median(den)
     per_round = [a / b for a, b in zip(num, den)]
+    above = sum(x > 1 for x in per_round)
+    n = len(per_round)
+    tail = sum(math.comb(n, k) for k in range(min(above, n - above) + 1)) / 2 ** n
     return r, (f"{r:.3f} (per-round ratios: median {statistics.median(per_round):.3f}, "
-               f"min {min(per_round):.3f}, max {max(per_round):.3f})")
+               f"min {min(per_round):.3f}, max {max(per_round):.3f}; {above} of {n} rounds > 1, "
+               f"sign test p = {min(1.0, 2 * tail):.2g})")
