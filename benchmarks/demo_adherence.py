@@ -41,9 +41,11 @@ def demo_flags(workdir: str, workdir_help: str) -> tuple[ml_collections.ConfigDi
 
 def main() -> int:
     cfg, workdir = demo_flags("runs/demo_bench", "Run directory (resumed if it exists).")
+    from jaxcond import xla
     from jaxcond.data import demo as demo_data, pipeline
     from jaxcond.train import eval_layout, train
 
+    xla.cpu_runtime()  # as `jaxcond train` runs
     n = cfg.sample.num_prompts * cfg.sample.per_prompt
     result = train(cfg, workdir)
     scores = result["scores"]

@@ -119,9 +119,11 @@ def _pin(cores: set[int]) -> None:
 def train_and_sample(cfg: ml_collections.ConfigDict, workdir: str, prompts: list[str],
                      progress: bool) -> dict[str, Any]:
     """Trains one run; its held-out scores, grid samples [4, P, H, W, 3] and unconditional samples."""
+    from jaxcond import xla
     from jaxcond.sampling import sample_grid
     from jaxcond.train import load_trained, train
 
+    xla.cpu_runtime()  # as `jaxcond train` runs
     out = train(cfg, workdir, progress=progress)
     t = load_trained(workdir)
     params = t.params("ema" if cfg.sample.use_ema and "ema" in t.state else "raw")

@@ -65,7 +65,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 
 
 def _train() -> None:
-    from jaxcond import distributed
+    from jaxcond import distributed, xla
     from jaxcond.train import train
 
     if not _WORKDIR.value:
@@ -75,6 +75,7 @@ def _train() -> None:
                                _PROCESS_ID.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    xla.cpu_runtime()  # after joining the processes, before jax's backends exist
     train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
 
 
@@ -90,6 +91,7 @@ def _masks() -> None:
 
 
 def _cache() -> None:
+    from jaxcond import xla
     from jaxcond.data import cache
     from jaxcond.train import load_family
 
@@ -98,6 +100,7 @@ def _cache() -> None:
         raise app.UsageError("cache needs --config.data.cache=DIR (where the cache goes)")
     if not _WORKDIR.value and cfg.model.source == "demo":
         raise app.UsageError("cache with model.source=demo needs --workdir (where the demo model is)")
+    xla.cpu_runtime()
     m = cache.build(cfg, load_family(cfg, _WORKDIR.value or ""), cfg.data.cache)
     print(f"cache of {len(m['records'])} records in {cfg.data.cache}: {', '.join(m['fields'])}")
 
@@ -126,6 +129,7 @@ def _export() -> None:
 
 
 def _sample() -> None:
+    from jaxcond import xla
     from jaxcond.generate import generate
 
     if not _WORKDIR.value:
@@ -136,6 +140,7 @@ def _sample() -> None:
     except ValueError:
         raise app.UsageError(f"sample: --steps {_STEPS.value!r} must be an integer and --guidance "
                              f"{','.join(_GUIDANCE.value)!r} numbers, e.g. --steps 50 --guidance 1,3,7") from None
+    xla.cpu_runtime()
     path = generate(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
                     step=_STEP.value, out=_OUT.value)

@@ -1,7 +1,8 @@
-"""XLA compiler options of jaxcond's compiled functions, per platform.
+"""How jaxcond has XLA compile and run its functions, per platform: compiler options,
+and the CPU runtime of a process that trains on one CPU device.
 
-Only measured choices live here; `benchmarks/step_time.py` prints the ratio of each
-against jax's own defaults. They change how XLA fuses and schedules, so float results
+Only measured choices live here; `benchmarks/step_time.py` and
+`benchmarks/cpu_runtime.py` print the ratio of each against jax's own defaults. They change how XLA fuses and schedules, so float results
 round differently (params compared across topologies after a few Adam steps differed
 by up to ~3e-4 with the option below, under 1e-4 without); dropout masks, timesteps and
 noise are integer/bit derivations and keep their bits either way.
@@ -9,7 +10,9 @@ noise are integer/bit derivations and keep their bits either way.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform as platform_lib
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +58,31 @@ def jit(fun: Callable, **jit_kwargs: Any) -> Callable:
 
     call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)  # as jax.jit's
     return call
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def cpu_runtime() -> bool:
+    """Makes this process's one-device CPU computations reuse their memory; True if it did.
+
+    Call it once, before jax creates its backends (after `jax.distributed.initialize`).
+    XLA:CPU allocates each execution's temporary buffer afresh (~160 MB for the demo's
+    train step). glibc serves such a block with mmap and unmaps it when freed, so every
+    step the kernel faulted in and zeroed ~40,000 pages: ~0.1 s of system time per step of
+    ~0.3 s on 2 cores. Two settings let the block be reused instead:
+    - one-device CPU computations run inline in the calling thread (jax's
+      `jax_cpu_enable_async_dispatch` off), so the block comes from the main thread's heap:
+      blocks this large allocated by other threads would always be mmapped;
+    - glibc takes large blocks from that heap instead of mmap, and keeps freed memory
+      (the process holds its peak heap size until it exits).
+    Only where the computations run on the CPU (on GPU/TPU hosts the large host buffers
+    are checkpoints and weights, better returned to the system) and with glibc.
+    Multi-device CPU computations are dispatched asynchronously whatever the flag says.
+    """
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if jax.default_backend() != "cpu" or platform_lib.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
