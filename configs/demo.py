@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.param_dtype = "float32"  # Storage dtype of trainable params and optimizer state.
     c.train.compute_dtype = "float32"  # bfloat16 halves activation memory on TPU/GPU.
     c.train.log_every = 25  # Steps between TensorBoard scalars.
-    c.train.sample_every = 1000  # Steps between sample grids (0: only at the end); each costs ~15 s here.
+    c.train.sample_every = 1000  # Steps between sample grids (0: only at the end); each costs ~15 s on 2 cores.
     # Updates with a non-finite loss or gradient are skipped (params, optimizer state and EMA
     # unchanged) and counted; past this many the run checkpoints and stops. -1: never stop.
     c.train.max_skipped_updates = 10
@@ -164,7 +164,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.num_prompts = 12  # Held-out captions in the grid (rows).
     c.sample.per_prompt = 5  # Samples per caption and guidance scale for the adherence numbers.
     c.sample.guidance = (1.0, 3.0, 5.0)  # Classifier-free guidance scales (columns).
-    c.sample.steps = 50  # Sampler steps.
+    # Sampler steps. 25 and 50 scored a trained demo's held-out samples alike (within one
+    # sample per line, three sampling seeds; README) and 25 takes half the time.
+    c.sample.steps = 25
     c.sample.scheduler = "ddim"  # ddim | euler | euler_a (ancestral) | dpm++ (2M); see jaxcond/sampling.py.
     c.sample.use_ema = True  # Sample with the EMA params.
     c.sample.seed = 1234  # Sampling noise seed (independent of training).
