@@ -1,6 +1,6 @@
 """Does the demo learn to follow its captions, and does guidance help? (issue 2's bar)
 
-Trains configs/demo.py (2000 steps, 7-30 minutes on 2 CPU cores) and scores 60 samples of
+Trains configs/demo.py (2000 steps, 10-25 minutes on 2 CPU cores) and scores 60 samples of
 held-out captions (shape/colour/background combinations never seen in training) with
 the pixel-based reader in jaxcond.data.demo: unconditional (the learned null alone), and
 guidance 1, 3, 5. The bar is the one issue 2 set from an earlier prototype; exits 1 if

@@ -15,7 +15,7 @@ Each variant is compiled and warmed up first; then rounds time `--steps` consecu
 steps per variant (ended by jax.block_until_ready), interleaved (the first variant
 rotating each round) so a busy machine slows all of them alike (benchmarks/timing.py).
 All variants use the same pre-put batches and each has its own state (the step donates
-it). Printed: per-step medians over rounds, ratios of medians, and the median/min/max of
+it); the process runs them as `jaxcond train` does (`jaxcond.xla.cpu_runtime()`). Printed: per-step medians over rounds, ratios of medians, and the median/min/max of
 the per-round ratios (the per-round median is the robust one when the machine's load
 changes mid-run).
 
@@ -62,6 +62,7 @@ logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/absl info lines wou
 
 
 def main(workdir: str) -> None:
+    xla.cpu_runtime()  # in this process as in `jaxcond train`, before jax's backends exist
     cfg = demo.get_config()
     cfg.train.sample_every = 0
     devices = jax.devices()[:args.devices]

@@ -3,7 +3,7 @@
 Trains a ~1M-parameter diffusers UNet with a tiny CLIP text encoder (both built locally,
 no download) on 16x16 images of one coloured shape on a coloured background, captioned
 "a red circle on a blue background", with 10% caption dropout and a learned null.
-On 2 CPU cores it takes 7-30 minutes (machines differ) and then writes `samples_final.png`: held-out
+On 2 CPU cores it takes 10-25 minutes (machines differ) and then writes `samples_final.png`: held-out
 captions (combinations never seen in training) at guidance 1, 3 and 5, plus the
 unconditional branch, and prints how often colours and shapes follow the caption.
 

@@ -19,8 +19,9 @@ from typing import Any
 import jax
 
 # XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10. With one CPU device in the
-# process (a real CPU run, such as the demo) they made the demo's train step 1.34x slower
-# on 2 cores (benchmarks/step_time.py, jaxopts/sharded), so the empty list turns them off.
+# process (a real CPU run, such as the demo) they made the demo's train step 1.12x slower
+# on 2 cores (benchmarks/step_time.py, jaxopts/sharded; 1.34x before `cpu_runtime()`), so
+# the empty list turns them off.
 # With 8 simulated CPU devices sharing those cores (the tests, `--devices 8` benchmarks)
 # turning them off made it 1.14x slower instead, so there jax's defaults stay.
 # Never with several devices anyway: with the option, a data=2 mesh of 2 CPU devices gave
