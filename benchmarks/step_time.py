@@ -15,9 +15,10 @@ Each variant is compiled and warmed up first; then rounds time `--steps` consecu
 steps per variant (ended by jax.block_until_ready), interleaved (the first variant
 rotating each round) so a busy machine slows all of them alike (benchmarks/timing.py).
 All variants use the same pre-put batches and each has its own state (the step donates
-it); the process runs them as `jaxcond train` does (`jaxcond.xla.cpu_runtime()`). Printed: per-step medians over rounds, ratios of medians, and the median/min/max of
-the per-round ratios (the per-round median is the robust one when the machine's load
-changes mid-run).
+it); the process runs them as `jaxcond train` does (`jaxcond.xla.cpu_runtime()`).
+Printed: per-step medians over rounds, ratios of medians, and the median/min/max of the
+per-round ratios (the per-round median is the robust one when the machine's load changes
+mid-run).
 
     .venv/bin/python benchmarks/step_time.py                 # 1 device (targets apply)
     .venv/bin/python benchmarks/step_time.py --devices 8     # 8 simulated CPU devices

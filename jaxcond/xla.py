@@ -1,11 +1,12 @@
 """How jaxcond has XLA compile and run its functions, per platform: compiler options,
-and the CPU runtime of a process that trains on one CPU device.
+and the CPU runtime of a process that computes on one CPU device.
 
-Only measured choices live here; `benchmarks/step_time.py` and
-`benchmarks/cpu_runtime.py` print the ratio of each against jax's own defaults. They change how XLA fuses and schedules, so float results
-round differently (params compared across topologies after a few Adam steps differed
-by up to ~3e-4 with the option below, under 1e-4 without); dropout masks, timesteps and
-noise are integer/bit derivations and keep their bits either way.
+Only measured choices live here; `benchmarks/step_time.py` and `benchmarks/cpu_runtime.py`
+print the ratio of each against jax's own defaults. The compiler options change how XLA
+fuses and schedules, so float results round differently (params compared across
+topologies after a few Adam steps differed by up to ~3e-4 with the option below, under
+1e-4 without); dropout masks, timesteps and noise are integer/bit derivations and keep
+their bits either way. The runtime settings change where memory comes from, not a number.
 """
 
 from __future__ import annotations
