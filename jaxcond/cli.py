@@ -62,6 +62,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for clusters JAX cannot detect.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: 0..N-1.")
+# Per user, not per run: a rerun, a resume after preemption or `jaxcond sample` after
+# training loads the programs an earlier process compiled on this machine.
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/jaxcond/jax",
+    "JAX's persistent compilation cache: compiled programs are kept here and reused by later "
+    "runs on this machine (reruns, resumes, sampling); empty turns it off. "
+    "JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 
 def _train() -> None:
@@ -178,7 +185,9 @@ def _main(argv: list[str], command: str) -> None:
     from jaxcond.data.files import DataError
     from jaxcond.models.convert import WeightsMismatch
     from jaxcond.train import NonFiniteError
+    from jaxcond.xla import compilation_cache
 
+    compilation_cache(_COMPILATION_CACHE.value)
     try:
         {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
          "sample": _sample, "verify": _verify}[command]()

@@ -1,23 +1,29 @@
 """How jaxcond has XLA compile and run its functions, per platform: compiler options,
-and the CPU runtime of a process that computes on one CPU device.
+the CPU runtime of a process that computes on one CPU device, and where compiled
+programs are kept between processes.
 
-Only measured choices live here; `benchmarks/step_time.py` and `benchmarks/cpu_runtime.py`
-print the ratio of each against jax's own defaults. The compiler options change how XLA
-fuses and schedules, so float results round differently (params compared across
-topologies after a few Adam steps differed by up to ~3e-4 with the option below, under
-1e-4 without); dropout masks, timesteps and noise are integer/bit derivations and keep
-their bits either way. The runtime settings change where memory comes from, not a number.
+Only measured choices live here; `benchmarks/step_time.py`, `benchmarks/cpu_runtime.py`
+and `benchmarks/compile_cache.py` print the ratio of each against jax's own defaults. The
+compiler options change how XLA fuses and schedules, so float results round differently
+(params compared across topologies after a few Adam steps differed by up to ~3e-4 with
+the option below, under 1e-4 without); dropout masks, timesteps and noise are integer/bit
+derivations and keep their bits either way. The runtime settings change where memory comes
+from, and the compilation cache where a program comes from, not a number.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
+import os
 import platform as platform_lib
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+log = logging.getLogger("jaxcond")
 
 # XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10. With one CPU device in the
 # process (a real CPU run, such as the demo) they made the demo's train step 1.12x slower
@@ -88,3 +94,31 @@ def cpu_runtime() -> bool:
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def compilation_cache(directory: str) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory` ("" = off); returns the
+    directory in use, or None.
+
+    Call it before the process compiles anything (jax decides once per process).
+    JAX_COMPILATION_CACHE_DIR, jax's own setting, wins when set. jax keys each program by
+    its HLO, compiler options, devices and jax version, so a cached program is the one a
+    fresh compile would give (the bits do not change), and stores only programs that took
+    over a second to compile. A directory that cannot be written is logged and skipped:
+    the run then compiles as without a cache.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current or not directory:
+        return current or None
+    path = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as e:
+        log.warning("no compilation cache (--compilation_cache %s: %s); compiling every program "
+                    "afresh. Pass a writable directory, or --compilation_cache= to turn it off.",
+                    directory, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path

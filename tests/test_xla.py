@@ -46,3 +46,60 @@ def test_cpu_runtime_reuses_the_temporary_buffer():
     assert off["faults"] > 10_000, off
     assert on["faults"] < 1_000, on
     assert on["y"] == off["y"]
+
+
+# Compiles a program (every compile is stored: the minimum compile time is 0 here) and
+# prints the cache directory in use, its cache hits and the program's result.
+CACHED = """
+import json, sys
+import jax, jax.numpy as jnp
+from jaxcond import xla
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+used = xla.compilation_cache(sys.argv[1])
+y = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.arange(64.0).reshape(8, 8) / 64)
+print(json.dumps({"used": used, "hits": len(hits), "y": float(y)}))
+"""
+
+
+def _cached(directory: str, env_dir: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    if env_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = env_dir
+    out = subprocess.run([sys.executable, "-c", CACHED, directory], env=env, capture_output=True, text=True,
+                         check=True)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
+
+
+def test_compilation_cache_serves_the_next_process(tmp_path):
+    first, second = _cached(str(tmp_path / "c")), _cached(str(tmp_path / "c"))
+    assert first["used"] == second["used"] == str(tmp_path / "c")
+    assert first["hits"] == 0 and second["hits"] >= 1  # jnp's eager ops are programs too
+    assert os.listdir(tmp_path / "c")
+    assert second["y"] == first["y"]
+
+
+def test_compilation_cache_defers_to_jax_and_can_be_off(tmp_path):
+    """JAX_COMPILATION_CACHE_DIR (how the test suite keeps its cache) wins over the flag;
+    an empty flag turns the cache off; an unwritable directory is named and skipped."""
+    r = _cached(str(tmp_path / "flag"), env_dir=str(tmp_path / "env"))
+    assert r["used"] == str(tmp_path / "env") and os.listdir(tmp_path / "env")
+    assert not (tmp_path / "flag").exists()
+    assert _cached("")["used"] is None
+    (tmp_path / "file").write_text("")
+    r = _cached(str(tmp_path / "file" / "cache"))
+    assert r["used"] is None and r["hits"] == 0
+    assert f"--compilation_cache {tmp_path / 'file' / 'cache'}" in r["stderr"]
+
+
+def test_cli_turns_the_compilation_cache_on(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
+                        "--steps", "0:1", f"--compilation_cache={tmp_path / 'c'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path / "c")
