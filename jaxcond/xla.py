@@ -104,12 +104,17 @@ def compilation_cache(directory: str) -> str | None:
     JAX_COMPILATION_CACHE_DIR, jax's own setting, wins when set. jax keys each program by
     its HLO, compiler options, devices and jax version, so a cached program is the one a
     fresh compile would give (the bits do not change), and stores only programs that took
-    over a second to compile. A directory that cannot be written is logged and skipped:
-    the run then compiles as without a cache.
+    over a second to compile. Only process 0 of a multi-host run writes, so there the
+    directory should be one all hosts read (NFS, or a bucket such as gs://b/jax_cache,
+    which jax reaches through etils; passed on unchecked). A local directory that cannot
+    be written is logged and skipped: the run then compiles as without a cache.
     """
     current = jax.config.jax_compilation_cache_dir
     if current or not directory:
         return current or None
+    if "://" in directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        return directory
     path = os.path.abspath(os.path.expanduser(directory))
     try:
         os.makedirs(path, exist_ok=True)

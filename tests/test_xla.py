@@ -95,6 +95,18 @@ def test_compilation_cache_defers_to_jax_and_can_be_off(tmp_path):
     assert f"--compilation_cache {tmp_path / 'file' / 'cache'}" in r["stderr"]
 
 
+def test_compilation_cache_passes_a_bucket_on(tmp_path):
+    """gs:// (what multi-host runs share) goes to jax as given, not made a local folder."""
+    code = ("import jax; from jaxcond import xla\n"
+            "print(xla.compilation_cache('gs://bucket/jax_cache'), jax.config.jax_compilation_cache_dir)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["gs://bucket/jax_cache"] * 2
+    assert not os.listdir(tmp_path)
+
+
 def test_cli_turns_the_compilation_cache_on(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
