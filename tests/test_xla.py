@@ -75,11 +75,19 @@ def _cached(directory: str, env_dir: str | None = None) -> dict:
 
 
 def test_compilation_cache_serves_the_next_process(tmp_path):
+    """...and an entry cut short (a process killed while jax wrote it) is compiled afresh
+    with a warning, not loaded or fatal."""
     first, second = _cached(str(tmp_path / "c")), _cached(str(tmp_path / "c"))
     assert first["used"] == second["used"] == str(tmp_path / "c")
     assert first["hits"] == 0 and second["hits"] >= 1  # jnp's eager ops are programs too
-    assert os.listdir(tmp_path / "c")
     assert second["y"] == first["y"]
+    entries = list((tmp_path / "c").iterdir())
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:entry.stat().st_size // 2])
+    cut = _cached(str(tmp_path / "c"))
+    assert cut["hits"] == 0 and cut["y"] == first["y"]
+    assert "Error reading persistent compilation cache entry" in cut["stderr"]
 
 
 def test_compilation_cache_defers_to_jax_and_can_be_off(tmp_path):
