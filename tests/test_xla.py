@@ -1,4 +1,5 @@
-"""jaxcond.xla's CPU runtime settings, in processes with one CPU device (as the demo runs)."""
+"""jaxcond.xla: the CPU runtime settings, in processes with one CPU device (as the demo
+runs), and the persistent compilation cache."""
 
 import json
 import os
@@ -75,8 +76,8 @@ def _cached(directory: str, env_dir: str | None = None) -> dict:
 
 
 def test_compilation_cache_serves_the_next_process(tmp_path):
-    """...and an entry cut short (a process killed while jax wrote it) is compiled afresh
-    with a warning, not loaded or fatal."""
+    """A second process loads what the first compiled; an entry cut short (a process
+    killed while jax wrote it) is compiled afresh with a warning, not loaded or fatal."""
     first, second = _cached(str(tmp_path / "c")), _cached(str(tmp_path / "c"))
     assert first["used"] == second["used"] == str(tmp_path / "c")
     assert first["hits"] == 0 and second["hits"] >= 1  # jnp's eager ops are programs too
