@@ -187,7 +187,10 @@ def _main(argv: list[str], command: str) -> None:
     from jaxcond.train import NonFiniteError
     from jaxcond.xla import compilation_cache
 
-    compilation_cache(_COMPILATION_CACHE.value)
+    try:
+        compilation_cache(_COMPILATION_CACHE.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     try:
         {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
          "sample": _sample, "verify": _verify}[command]()

@@ -105,16 +105,18 @@ def compilation_cache(directory: str) -> str | None:
     its HLO, compiler options, devices and jax version, so a cached program is the one a
     fresh compile would give (the bits do not change), and stores only programs that took
     over a second to compile. Only process 0 of a multi-host run writes, so there the
-    directory should be one all hosts read (NFS, or a bucket such as gs://b/jax_cache,
-    which jax reaches through etils; passed on unchecked). A local directory that cannot
-    be written is logged and skipped: the run then compiles as without a cache.
+    directory should be one all hosts read (NFS, a GCS FUSE mount). A directory that
+    cannot be written is logged and skipped: the run then compiles as without a cache.
+    Raises ValueError for a URL (gs://...): like run directories, buckets are untested
+    here and would need a filesystem package jaxcond does not install.
     """
     current = jax.config.jax_compilation_cache_dir
     if current or not directory:
         return current or None
     if "://" in directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        return directory
+        raise ValueError(f"--compilation_cache {directory}: buckets are not supported (as for run "
+                         "directories); use a local or mounted folder (NFS, GCS FUSE), or "
+                         "--compilation_cache= to turn the cache off")
     path = os.path.abspath(os.path.expanduser(directory))
     try:
         os.makedirs(path, exist_ok=True)

@@ -104,19 +104,7 @@ def test_compilation_cache_defers_to_jax_and_can_be_off(tmp_path):
     assert f"--compilation_cache {tmp_path / 'file' / 'cache'}" in r["stderr"]
 
 
-def test_compilation_cache_passes_a_bucket_on(tmp_path):
-    """gs:// (what multi-host runs share) goes to jax as given, not made a local folder."""
-    code = ("import jax; from jaxcond import xla\n"
-            "print(xla.compilation_cache('gs://bucket/jax_cache'), jax.config.jax_compilation_cache_dir)")
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.split() == ["gs://bucket/jax_cache"] * 2
-    assert not os.listdir(tmp_path)
-
-
-def test_cli_turns_the_compilation_cache_on(tmp_path):
+def test_cli_turns_the_compilation_cache_on_and_refuses_a_bucket(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
@@ -124,3 +112,8 @@ def test_cli_turns_the_compilation_cache_on(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert os.listdir(tmp_path / "c")
+    r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
+                        "--compilation_cache=gs://bucket/jax_cache"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--compilation_cache gs://bucket/jax_cache: buckets are not supported" in r.stderr
+    assert "Traceback" not in r.stderr and not (ROOT / "gs:").exists()
