@@ -350,6 +350,11 @@ class NonFiniteError(RuntimeError):
 
 def prepare_run_dir(workdir: str) -> None:
     """Creates `workdir` and proves it writable before anything expensive starts."""
+    if "://" in workdir:  # os.makedirs would quietly make a local folder "gs:" instead
+        raise checkpoint.CheckpointError(
+            f"the run directory {workdir!r} is a URL, which is not supported yet (logs and samples "
+            "are written as local files): use a path every host sees, e.g. a GCS FUSE mount "
+            "(/gcs/BUCKET/run) or NFS")
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
     try:
         os.makedirs(workdir, exist_ok=True)

@@ -213,6 +213,10 @@ def test_unwritable_or_full_run_directory_fails_before_training(fault_config, tm
     blocker.write_text("not a directory")
     with pytest.raises(checkpoint.CheckpointError, match="not writable.*choose another --workdir"):
         train_lib.train(fault_config, str(blocker / "run"), progress=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="'gs://bucket/run' is a URL, which is not supported"):
+        train_lib.train(fault_config, "gs://bucket/run", progress=False)
+    assert not (tmp_path / "gs:").exists()
     monkeypatch.setattr(train_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(checkpoint.CheckpointError, match="has 0 MiB free but one checkpoint"):
         train_lib.train(fault_config, str(tmp_path / "run"), progress=False)
