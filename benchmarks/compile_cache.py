@@ -16,6 +16,7 @@ program must compute what a fresh compile does).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -44,8 +45,6 @@ def train(workdir: str, cache: str, steps: int) -> float:
 
 def logged(workdir: str) -> tuple[list[str], list[float]]:
     """The run's mask log and its logged losses."""
-    import json
-
     with open(os.path.join(workdir, "masks.jsonl")) as f:
         masks = f.read().splitlines()
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -81,7 +80,7 @@ def main() -> None:
           f"{a.rounds} rounds")
     for arm in ARMS:
         print(f"{arm:<10} median {statistics.median(times[arm]):6.1f} s")
-    saved = statistics.median(a - b for a, b in zip(times["no cache"], times["warm cache"]))
+    saved = statistics.median(off - on for off, on in zip(times["no cache"], times["warm cache"]))
     print(f"run throughput, warm cache / no cache: {ratio(times['no cache'], times['warm cache'])[1]}; "
           f"saved per run: {saved:.1f} s (median of the rounds)")
     print(f"losses and masks identical in every run: {same}")

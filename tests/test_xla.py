@@ -64,10 +64,14 @@ print(json.dumps({"used": used, "hits": len(hits), "y": float(y)}))
 """
 
 
-def _cached(directory: str, env_dir: str | None = None) -> dict:
+def _cache_env(**extra: str) -> dict:
+    """This environment without the suite's cache folder, every compile stored."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return {**env, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+
+
+def _cached(directory: str, env_dir: str | None = None) -> dict:
+    env = _cache_env(XLA_FLAGS="", PYTHONPATH=str(ROOT))
     if env_dir is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = env_dir
     out = subprocess.run([sys.executable, "-c", CACHED, directory], env=env, capture_output=True, text=True,
@@ -105,8 +109,7 @@ def test_compilation_cache_defers_to_jax_and_can_be_off(tmp_path):
 
 
 def test_cli_turns_the_compilation_cache_on_and_refuses_a_bucket(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = _cache_env()
     r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
                         "--steps", "0:1", f"--compilation_cache={tmp_path / 'c'}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
