@@ -27,7 +27,7 @@ examples:
   jaxcond masks --config configs/demo.py --steps 0:3
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
   jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
-  jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \
+  jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \\
       --steps 50 --seed 0 [--scheduler ddim|euler|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
   jaxcond verify --run runs/demo
 """
@@ -93,8 +93,13 @@ def _masks() -> None:
         a, b = (int(x) for x in (_STEPS.value or "0:1").split(":"))
     except ValueError:
         raise app.UsageError(f"--steps {_STEPS.value!r}: expected A:B, e.g. --steps 0:10") from None
-    for rec in mask_records(_CONFIG.value, range(a, b)):
-        print(json.dumps(rec))
+    if not 0 <= a < b:
+        raise app.UsageError(f"--steps {_STEPS.value!r}: expected 0 <= A < B (steps A to B-1), e.g. --steps 0:10")
+    try:
+        for rec in mask_records(_CONFIG.value, range(a, b)):
+            print(json.dumps(rec), flush=True)
+    except BrokenPipeError:  # the reader stopped early (| head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush is quiet
 
 
 def _cache() -> None:
@@ -200,6 +205,27 @@ def _main(argv: list[str], command: str) -> None:
         sys.exit(f"jaxcond {command}: {e}")
 
 
+def _parse_flags(argv: list[str], command: str) -> list[str]:
+    """absl's flag parser, with a config file that cannot be read or an override naming no
+    field of it reported in one line (ml_collections raises them as tracebacks)."""
+    try:
+        rest = app.parse_flags_with_usage(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.keys()  # a file that failed to load raises only once used, mid-run
+        return rest
+    except OSError as e:  # the file is missing or unreadable
+        reason = str(e).strip().splitlines()[-1].strip()
+        sys.exit(f"jaxcond {command}: --config {flags.FLAGS['config'].config_filename}: cannot read it ({reason}); "
+                 "pass a config file, e.g. --config configs/demo.py")
+    except (AttributeError, KeyError) as e:  # an override's path names no field
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        detail = str(e.args[0] if e.args else e).replace("\n", "; ")
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        sys.exit(f"jaxcond {command}: {', '.join(overrides) or '--config'}: no such config field ({detail}); "
+                 "the fields are listed in the config file")
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.stderr.write(USAGE)
@@ -210,7 +236,7 @@ def main() -> None:
     # and hundreds of MB per process, on every host). USE_TORCH=1 lets them.
     if os.environ.setdefault("USE_TORCH", "0") == "0":
         sys.modules.setdefault("torch", None)  # `import torch` then fails as if not installed
-    app.run(lambda argv: _main(argv, command))
+    app.run(lambda argv: _main(argv, command), flags_parser=lambda argv: _parse_flags(argv, command))
 
 
 if __name__ == "__main__":

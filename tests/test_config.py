@@ -83,9 +83,16 @@ def test_cli_rejects_a_bad_override_with_the_field_name(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_cli_unknown_field_and_missing_workdir():
+def test_cli_unknown_field_missing_file_and_missing_workdir():
     r = _cli("train", "--config", "configs/demo.py", "--config.dropout.groups.captoin.rate=0.2")
-    assert r.returncode != 0 and "captoin" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "jaxcond train: --config.dropout.groups.captoin.rate: no such config field ('captoin'" in r.stderr
+    r = _cli("masks", "--config", "configs/demo.py", "--config.train.stepz", "3")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert 'Did you mean "steps" instead of "stepz"?' in r.stderr
+    r = _cli("train", "--config", "configs/dmeo.py", "--workdir", "unused")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "jaxcond train: --config configs/dmeo.py: cannot read it" in r.stderr
     r = _cli("train", "--config", "configs/demo.py")
     assert r.returncode != 0 and "--workdir" in r.stderr
     r = _cli("bogus")
@@ -103,6 +110,15 @@ def test_cli_masks_prints_the_derived_masks():
     assert [rec["step"] for rec in lines] == [3, 4, 5]
     g = lines[0]["groups"]["caption"]
     assert len(g["dropped_positions"]) == len(g["dropped_records"]) > 0
+    r = _cli("masks", "--config", "configs/demo.py", "--steps", "6:3")
+    assert r.returncode != 0 and "expected 0 <= A < B" in r.stderr and not r.stdout
+    # A reader that stops early (`| head -1`) ends the printing quietly.
+    p = subprocess.Popen([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
+                          "--steps", "0:100000"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(p.stdout.readline())["step"] == 0
+    p.stdout.close()
+    assert p.wait(timeout=300) == 0 and "Traceback" not in p.stderr.read()
 
 
 def test_cli_keeps_torch_out_of_the_process():
