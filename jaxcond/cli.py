@@ -222,7 +222,9 @@ def _parse_flags(argv: list[str], command: str) -> list[str]:
             e = e.args[0]
         detail = str(e.args[0] if e.args else e).replace("\n", "; ")
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        sys.exit(f"jaxcond {command}: {', '.join(overrides) or '--config'}: no such config field ({detail}); "
+        named = [o for o in overrides if o.removeprefix("--config.") in detail
+                 or any(f"'{part}'" in detail for part in o.split(".")[1:])]
+        sys.exit(f"jaxcond {command}: {', '.join(named or overrides) or '--config'}: no such config field ({detail}); "
                  "the fields are listed in the config file")
 
 

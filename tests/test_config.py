@@ -87,8 +87,9 @@ def test_cli_unknown_field_missing_file_and_missing_workdir():
     r = _cli("train", "--config", "configs/demo.py", "--config.dropout.groups.captoin.rate=0.2")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "jaxcond train: --config.dropout.groups.captoin.rate: no such config field ('captoin'" in r.stderr
-    r = _cli("masks", "--config", "configs/demo.py", "--config.train.stepz", "3")
+    r = _cli("masks", "--config", "configs/demo.py", "--config.seed=1", "--config.train.stepz", "3")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert 'masks: --config.train.stepz: no such config field' in r.stderr  # only the bad one
     assert 'Did you mean "steps" instead of "stepz"?' in r.stderr
     r = _cli("train", "--config", "configs/dmeo.py", "--workdir", "unused")
     assert r.returncode != 0 and "Traceback" not in r.stderr
