@@ -148,10 +148,13 @@ def _sample() -> None:
         raise app.UsageError("sample needs --run DIR (a trained run)")
     try:
         steps = int(_STEPS.value or 50)
+    except ValueError:
+        raise app.UsageError(f"sample: --steps {_STEPS.value!r} must be an integer, e.g. --steps 50") from None
+    try:
         guidance = [float(g) for g in _GUIDANCE.value]
     except ValueError:
-        raise app.UsageError(f"sample: --steps {_STEPS.value!r} must be an integer and --guidance "
-                             f"{','.join(_GUIDANCE.value)!r} numbers, e.g. --steps 50 --guidance 1,3,7") from None
+        raise app.UsageError(f"sample: --guidance {','.join(_GUIDANCE.value)!r} must be numbers, "
+                             "e.g. --guidance 1,3,7") from None
     xla.cpu_runtime()
     path = generate(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,

@@ -201,5 +201,7 @@ def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
     again = generate(str(run), ["a red circle on a blue background", "a green square on a black background"],
                      [1.0, 3.0], steps=3, seed=5, scheduler="dpm++", out=str(tmp_path / "again.png"))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again)))  # deterministic from the seed
-    bad = subprocess.run(cmd[:4] + ["--prompt", "x", "--scheduler", "heun"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "scheduler" in bad.stderr
+    for flag, value, message in (("--scheduler", "heun", "--scheduler 'heun': use one of"),
+                                 ("--guidance", "1,a", "--guidance '1,a' must be numbers")):
+        bad = subprocess.run(cmd[:6] + ["--prompt", "x", flag, value], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
