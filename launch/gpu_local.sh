@@ -14,6 +14,7 @@ cmd=(env JAXCOND_EXTRA=cuda12)
 dry_run=''
 while [ $# -gt 0 ]; do
   case $1 in
+    --gpus=*) set -- --gpus "${1#--gpus=}" "${@:2}"; continue ;;
     --gpus)
       [[ ${2-} =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus needs a list like 0,1,2,3"
       cmd+=("CUDA_VISIBLE_DEVICES=$2"); shift 2 ;;

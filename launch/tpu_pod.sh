@@ -19,6 +19,7 @@ need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 tpu='' zone='' project='' workdir='' dry_run=''
 while [ $# -gt 0 ]; do
   case $1 in
+    --tpu=*|--zone=*|--project=*|--workdir=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
     --tpu) need "$@"; tpu=$2; shift 2 ;;
     --zone) need "$@"; zone=$2; shift 2 ;;
     --project) need "$@"; project=$2; shift 2 ;;

@@ -62,28 +62,36 @@ def test_bash_syntax_and_shellcheck(script):
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-@pytest.mark.parametrize("script, args", [
-    ("local.sh", []),
-    ("tpu_pod.sh", []),
-    ("tpu_pod.sh", ["--tpu", "t"]),
-    ("tpu_pod.sh", ["--tpu", "t", "--zone"]),
-    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--bogus"]),
-    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--"]),
-    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--", "--config", "c"]),
-    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--", "--config", "c", "--workdir", "runs/x"]),
-    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--workdir=/shared/x", "--", "--config", "c"]),
-    ("gke/submit.sh", ["--bogus"]),
-    ("slurm.sbatch", []),
-    ("slurm.sbatch", ["--config", "c", "--workdir", "runs/x"]),  # not under sbatch
-    ("gpu_local.sh", []),
-    ("gpu_local.sh", ["--gpus"]),
-    ("gpu_local.sh", ["--gpus", "0;1", "--config", "c"]),
-    ("gpu_local.sh", ["train", "--config", "c"]),
+@pytest.mark.parametrize("script, args, message", [
+    ("local.sh", [], None),  # no message: just the usage
+    ("tpu_pod.sh", [], "--tpu and --zone are required"),
+    ("tpu_pod.sh", ["--tpu", "t"], "--tpu and --zone are required"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone"], "--zone needs a value"),
+    ("tpu_pod.sh", ["--tpu=", "--zone", "z"], "--tpu needs a value"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--bogus"],
+     "unknown argument: --bogus (jaxcond train arguments go after --)"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--"], "no jaxcond train arguments after --"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--", "--config", "c"],
+     "no --workdir: give the run directory, a path every worker sees"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--", "--config", "c", "--workdir", "runs/x"],
+     "--workdir runs/x: give an absolute path that every worker sees"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--workdir=runs/x", "--", "--config", "c"],
+     "--workdir runs/x: give an absolute path that every worker sees"),
+    ("gke/submit.sh", ["--bogus"], "unknown argument: --bogus"),
+    ("slurm.sbatch", [], "no jaxcond train arguments"),
+    ("slurm.sbatch", ["--config", "c", "--workdir", "runs/x"], "submit it with sbatch"),  # not under sbatch
+    ("gpu_local.sh", [], "no jaxcond train arguments"),
+    ("gpu_local.sh", ["--gpus"], "--gpus needs a list like 0,1,2,3"),
+    ("gpu_local.sh", ["--gpus", "0;1", "--config", "c"], "--gpus needs a list like 0,1,2,3"),
+    ("gpu_local.sh", ["--gpus=0;1", "--config", "c"], "--gpus needs a list like 0,1,2,3"),
+    ("gpu_local.sh", ["train", "--config", "c"], "unknown argument: train"),
 ])
-def test_bad_arguments_exit_2_with_usage_on_stderr(script, args):
+def test_bad_arguments_exit_2_with_the_reason_and_usage_on_stderr(script, args, message):
     r = _run(LAUNCH / script, *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"launch/{script}" in r.stderr  # the usage line names the script
+    if message is not None:  # the first line says which check failed
+        assert r.stderr.splitlines()[0] == f"{os.path.basename(script)}: {message}", r.stderr
 
 
 def test_tpu_pod_dry_run_runs_train_on_all_workers_with_args_intact(tmp_path):
@@ -107,12 +115,14 @@ def test_tpu_pod_dry_run_runs_train_on_all_workers_with_args_intact(tmp_path):
     assert argv.split("\0")[:-1] == ["train", "--distributed=on", *TRICKY, "--workdir", "/shared/runs/a b"]
 
 
-def test_tpu_pod_workdir_option_is_forwarded():
-    r = _run(LAUNCH / "tpu_pod.sh", "--tpu", "t", "--zone", "z", "--workdir", "/mnt/r", "--dry-run",
-             "--", "--config", "configs/demo.py")
+@pytest.mark.parametrize("options", [["--tpu", "t", "--zone", "z", "--workdir", "/mnt/r"],
+                                     ["--tpu=t", "--zone=z", "--workdir=/mnt/r"]])
+def test_tpu_pod_workdir_option_is_forwarded(options):
+    r = _run(LAUNCH / "tpu_pod.sh", *options, "--dry-run", "--", "--config", "configs/demo.py")
     assert r.returncode == 0, r.stderr
-    remote = shlex.split(r.stdout.splitlines()[1])[-1]
-    assert remote.endswith("train --distributed=on --config configs/demo.py --workdir /mnt/r")
+    ssh = shlex.split(r.stdout.splitlines()[1])
+    assert ssh[5:10] == ["t", "--worker=all", "--zone", "z", "--command"]
+    assert ssh[-1].endswith("train --distributed=on --config configs/demo.py --workdir /mnt/r")
 
 
 def _submit(tmp_path, env, *, without_envsubst=False):
@@ -156,18 +166,22 @@ def test_gke_names_every_missing_variable(tmp_path):
     assert missing == ["TPU_TYPE", "TOPOLOGY", "CHIPS_PER_HOST", "PVC", "WORKDIR", "ARGS"]
 
 
-@pytest.mark.parametrize("bad", [{"NUM_HOSTS": "four"}, {"WORKDIR": "/data/x"}])
-def test_gke_rejects_bad_values(tmp_path, bad):
+@pytest.mark.parametrize("bad, message", [
+    ({"NUM_HOSTS": "four"}, "NUM_HOSTS and CHIPS_PER_HOST must be positive integers"),
+    ({"WORKDIR": "/data/x"}, "WORKDIR=/data/x: must be a path under /runs (the PVC)")])
+def test_gke_rejects_bad_values(tmp_path, bad, message):
     r = _submit(tmp_path, _env(**{**GKE_VARS, **bad}))
     assert r.returncode == 2 and "launch/gke/submit.sh" in r.stderr
+    assert r.stderr.splitlines()[0] == f"submit.sh: {message}"
 
 
 def test_gpu_local_dry_run_prints_the_command():
     args = ["--config", "configs/demo.py", "--workdir", "runs/a b"]
-    r = _run(LAUNCH / "gpu_local.sh", "--gpus", "0,1,2,3", "--dry-run", *args)
-    assert r.returncode == 0, r.stderr
-    assert shlex.split(r.stdout) == ["env", "JAXCOND_EXTRA=cuda12", "CUDA_VISIBLE_DEVICES=0,1,2,3",
-                                     "bash", f"{LAUNCH}/local.sh", "train", "--distributed=off", *args]
+    for gpus in (["--gpus", "0,1,2,3"], ["--gpus=0,1,2,3"]):
+        r = _run(LAUNCH / "gpu_local.sh", *gpus, "--dry-run", *args)
+        assert r.returncode == 0, r.stderr
+        assert shlex.split(r.stdout) == ["env", "JAXCOND_EXTRA=cuda12", "CUDA_VISIBLE_DEVICES=0,1,2,3",
+                                         "bash", f"{LAUNCH}/local.sh", "train", "--distributed=off", *args]
     r = _run(LAUNCH / "gpu_local.sh", "--dry-run", *args)
     assert "CUDA_VISIBLE_DEVICES" not in r.stdout
 
