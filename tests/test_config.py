@@ -15,13 +15,13 @@ from conftest import ROOT, tiny_config
 
 BAD = [
     ("dropout.groups.caption.rate", 1.5, r"config.dropout.groups.caption.rate = 1.5: must be a number in \[0, 1\]"),
-    ("dropout.groups.caption.rate", -0.1, r"config.dropout.groups.caption.rate"),
+    ("dropout.groups.caption.rate", -0.1, r"config.dropout.groups.caption.rate = -0.1: must be a number in \[0, 1\]"),
     ("dropout.groups.caption.schedule", "cosine", r"config.dropout.groups.caption.schedule = 'cosine': must be one of"),
     ("dropout.groups.caption.members", ("text", "txt"), r"'txt' has no null"),
     ("dropout.nulls.text", "random", r"config.dropout.nulls.text = 'random': must be one of \('empty', 'zeros', 'learned'\)"),
     ("train.global_batch", 12, r"config.train.global_batch = 12: .*8 devices.*multiple of 8"),
     ("train.grad_accum", 3, r"config.train.global_batch = 16: must be divisible by config.train.grad_accum = 3"),
-    ("mesh.data", 3, r"config.mesh.data = -1|config.mesh"),
+    ("mesh.data", 3, r"config.mesh = \{'data': 3, 'fsdp': 1\}: axis sizes multiply to 3 but 8 devices"),
     ("diffusion.prediction_type", "x0", r"config.diffusion.prediction_type = 'x0'"),
     ("model.demo.unet_channels", (16, 32), r"config.model.demo.unet_channels .* multiple of 32"),
     ("seed", -1, r"config.seed = -1"),

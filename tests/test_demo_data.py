@@ -115,7 +115,7 @@ def test_split_zero_fraction():
 
 def test_split_rejects_impossible_fractions():
     for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=rf"heldout_fraction must be in \[0, 1\], got {bad}"):
             split_combinations(bad, 0)
     with pytest.raises(ValueError, match="too large"):
         split_combinations(1.0, 0)  # train must keep every word

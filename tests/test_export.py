@@ -78,6 +78,7 @@ def test_export_raw_and_errors(run_dir, tmp_path):
     assert m["step"] == 4 and m["weights"] == "raw"
     back = UNetCLIP(str(tmp_path / "raw"))
     raw = _flat(train_lib.load_trained(run_dir, step=4).state["params"]["model"])
+    assert raw.keys() == _flat(back.trainable).keys()
     assert all(np.array_equal(raw[k], v) for k, v in _flat(back.trainable).items())
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5; it has steps"):
         export_lib.export(run_dir, str(tmp_path / "x"), step=5)

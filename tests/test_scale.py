@@ -91,7 +91,7 @@ def test_put_batch_assembles_the_global_batch_from_one_load(config, tmp_path):
 def test_dcn_data_needs_tpu_slices(config, tmp_path):
     cfg = copy.deepcopy(config)
     cfg.mesh.dcn_data = 2
-    with pytest.raises(config_lib.ConfigError, match="mesh.dcn_data"):
+    with pytest.raises(config_lib.ConfigError, match="config.mesh.dcn_data = 2: these cpu devices are not TPU slices"):
         train_lib.build(cfg, str(tmp_path))
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.dcn_data = 2, 4, 4
     with pytest.raises(config_lib.ConfigError, match="must divide the data axis"):

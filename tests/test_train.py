@@ -208,6 +208,7 @@ def test_sampling_never_drops_and_uses_the_trained_null(config, family):
     jax.effects_barrier()
     assert images.shape == (1, 2, 16, 16, 3) and images.dtype == jnp.uint8
     real = np.asarray(family.encode(family.frozen, jnp.asarray(family.tokenize(captions)))["text"])
+    assert len(spy.seen) == 2  # the guided branch only, once per denoising step
     for seen in spy.seen:  # one per denoising step: row 2i caption i, row 2i + 1 its unconditional pair
         np.testing.assert_allclose(seen[0:4:2], real, atol=1e-5)  # later rows: padding copies
         assert (seen[1::2] == np.asarray(params["nulls"]["text"])).all()
