@@ -174,9 +174,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
         _check(all(ch % 32 == 0 for ch in m.vae_channels), "model.demo.vae_channels",
                m.vae_channels, "every width must be a multiple of 32")
-        _check(cfg.data.resolution % 2 ** max(len(m.vae_channels) - 1, 0) == 0, "data.resolution",
-               cfg.data.resolution, f"must be divisible by the VAE's downsampling "
-               f"(2 ** (len(config.model.demo.vae_channels) - 1))")
+        # Checked here as well as once loaded: the demo model is built at this resolution.
+        check_image_sizes(cfg, 2 ** (len(m.unet_channels) - 1 + max(len(m.vae_channels) - 1, 0)))
     d = cfg.data
     _one_of("data.source", d.source, ("demo", "folder", "metadata", "shards", "hf"))
     _int_at_least("data.resolution", d.resolution, 8)
@@ -210,6 +209,21 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     from jaxcond.sampling import SCHEDULERS
 
     _one_of("sample.scheduler", cfg.sample.scheduler, SCHEDULERS)
+
+
+def check_image_sizes(cfg: ml_collections.ConfigDict, multiple: int) -> None:
+    """Raises ConfigError unless every image size the data yields (config.data.buckets, or
+    resolution x resolution) is a multiple of `multiple`, a model's Family.size_multiple:
+    other sizes fail deep inside the UNet, where down- and up-sampled features meet."""
+    d = cfg.data
+    why = f"this model downsamples images {multiple}x (VAE and UNet levels)"
+    if d.source != "demo" and d.buckets:
+        bad = [tuple(b) for b in d.buckets if b[0] % multiple or b[1] % multiple]
+        _check(not bad, "data.buckets", d.buckets,
+               f"{bad} not multiples of {multiple}: {why}, so heights and widths must be multiples of it")
+    else:
+        _check(d.resolution % multiple == 0, "data.resolution", d.resolution,
+               f"must be a multiple of {multiple}: {why}")
 
 
 # Fields whose change alters which examples, masks or noise a step sees: a resumed run

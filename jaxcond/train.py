@@ -147,6 +147,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
             "not TPU slices (no slice_index); use 1 unless the run spans several TPU slices")
     mesh = sharding.make_mesh(config_lib.mesh_shape(cfg, len(devices)), devices, cfg.mesh.dcn_data)
     family = load_family(cfg, workdir)
+    config_lib.check_image_sizes(cfg, family.size_multiple)
     groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
     data = pipeline.make_data(cfg, family)
     spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)

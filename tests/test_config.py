@@ -25,6 +25,7 @@ BAD = [
     ("diffusion.prediction_type", "x0", r"config.diffusion.prediction_type = 'x0'"),
     ("model.demo.unet_channels", (16, 32), r"config.model.demo.unet_channels .* multiple of 32"),
     ("seed", -1, r"config.seed = -1"),
+    ("data.resolution", 15, r"config.data.resolution = 15: must be a multiple of 2: this model downsamples"),
 ]
 
 

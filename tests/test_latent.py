@@ -31,6 +31,23 @@ def latent_family(latent_config):
     return UNetCLIP(latent_config.model.source)
 
 
+def test_image_sizes_must_be_multiples_of_the_downsampling(latent_config, latent_family, image_folder, tmp_path):
+    """Other sizes fail inside the UNet (a concatenate of mismatched skip features); the
+    config is refused before anything is built or compiled, for training and the cache."""
+    assert latent_family.size_multiple == 4  # the VAE halves the image, then the UNet's 2 levels
+    cfg = file_config(latent_config, image_folder)
+    cfg.data.buckets = ((16, 16), (16, 22))
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets = .*: \[\(16, 22\)\] not multiples of 4"):
+        train_lib.build(cfg, str(tmp_path / "run"))
+    cfg.data.buckets, cfg.data.resolution = (), 18
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.resolution = 18: must be a multiple of 4"):
+        train_lib.build(cfg, str(tmp_path / "run"))
+    cfg.data.cache, cfg.data.crop, cfg.data.flip = str(tmp_path / "cache"), "center", False
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.resolution = 18: must be a multiple of 4"):
+        cache.build(cfg, latent_family, cfg.data.cache)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_latent_family_draws_x0_from_the_vae(latent_family):
     fam = latent_family
     assert fam.latent and fam.sample_shape == (4, 8, 8)

@@ -37,7 +37,7 @@ import numpy as np
 import tqdm
 
 from jaxcond import xla
-from jaxcond.config import ConfigError
+from jaxcond.config import ConfigError, check_image_sizes
 from jaxcond.data import pipeline
 from jaxcond.models.family import Family
 from jaxcond.train_step import empty_tokens
@@ -109,6 +109,7 @@ def _write_json(path: str, obj: dict) -> None:
 def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch: int = 64) -> dict:
     """Writes (or completes) the cache of `cfg`'s data under `directory`; returns the manifest."""
     check_cacheable(cfg)
+    check_image_sizes(cfg, family.size_multiple)
     data = pipeline.make_data(cfg, family, use_cache=False)
     want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(cfg),
             "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,

@@ -31,6 +31,9 @@ class Family(abc.ABC):
     conditioners: Mapping[str, tuple[int, ...]]
     #: Shape of one sample in the diffusion space (C, H, W).
     sample_shape: tuple[int, ...]
+    #: Image heights and widths must be multiples of this: the factor by which the model
+    #: (VAE and UNet levels) downsamples, so its skip connections line up.
+    size_multiple: int = 1
     #: The pretrained weights, as loaded.
     trainable: Params
     frozen: Params

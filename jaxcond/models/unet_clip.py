@@ -130,12 +130,14 @@ class UNetCLIP(Family):
             self.conditioners["time_ids"] = (6,)
             self.batch_conditioners = ("time_ids",)
         self.sample_shape = (ucfg.in_channels, ucfg.sample_size, ucfg.sample_size)
-        self.image_size = ucfg.sample_size
+        vae_factor = 1
         if self.latent:
             if ucfg.in_channels != self.vae.config.latent_channels:
                 raise FileNotFoundError(f"{path}: the UNet takes {ucfg.in_channels} channels but the VAE makes "
                                         f"{self.vae.config.latent_channels}; unet/ and vae/ do not belong together")
-            self.image_size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+            vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_size = ucfg.sample_size * vae_factor
+        self.size_multiple = vae_factor * 2 ** (len(ucfg.block_out_channels) - 1)
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         ids = [t(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
