@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import ml_collections
 
 from jaxcond import diffusion, dropout
+from jaxcond.data import demo as demo_data
 
 
 class ConfigError(ValueError):
@@ -167,6 +168,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                m.unet_channels, "every width must be a multiple of 32")
         _check(1 <= m.cross_attention_levels <= len(m.unet_channels), "model.demo.cross_attention_levels",
                m.cross_attention_levels, f"must be in [1, {len(m.unet_channels)}] (the number of UNet levels)")
+        for name in ("layers_per_block", "attention_heads", "time_embed_dim", "text_width", "text_layers",
+                     "text_heads", "max_length"):
+            _int_at_least(f"model.demo.{name}", m[name], 1)
+        attended = m.unet_channels[len(m.unet_channels) - m.cross_attention_levels:]
+        _check(all(ch % m.attention_heads == 0 for ch in attended), "model.demo.attention_heads",
+               m.attention_heads, f"must divide the widths of the cross-attention levels {tuple(attended)}")
         _one_of("model.demo.text_encoders", m.text_encoders, (1, 2))
         _check(m.pooled or m.text_encoders == 1, "model.demo.pooled", m.pooled,
                "two text encoders (SDXL) need the pooled text_time embedding")
@@ -174,8 +181,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
         _check(all(ch % 32 == 0 for ch in m.vae_channels), "model.demo.vae_channels",
                m.vae_channels, "every width must be a multiple of 32")
-        # Checked here as well as once loaded: the demo model is built at this resolution.
-        check_image_sizes(cfg, 2 ** (len(m.unet_channels) - 1 + max(len(m.vae_channels) - 1, 0)))
     d = cfg.data
     _one_of("data.source", d.source, ("demo", "folder", "metadata", "shards", "hf"))
     _int_at_least("data.resolution", d.resolution, 8)
@@ -183,6 +188,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         _int_at_least("data.num_records", d.num_records, 1)
         _check(d.num_records >= t.global_batch, "data.num_records", d.num_records,
                f"must be at least one global batch ({t.global_batch})")
+        try:
+            demo_data.split_combinations(d.heldout_fraction, d.seed)
+        except ValueError as e:
+            raise ConfigError(f"config.data.heldout_fraction = {d.heldout_fraction!r}: {e}") from None
     else:
         what = {"folder": "folder of images and .txt captions", "metadata": "metadata.jsonl/.csv file",
                 "shards": "folder written by jaxcond shards",
@@ -197,6 +206,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         _one_of("data.too_small", d.too_small, ("upscale", "skip"))
         _int_at_least("data.keep_tokens", d.keep_tokens, 0)
         _in_unit_interval("data.tag_dropout", d.tag_dropout)
+    if cfg.model.source == "demo":  # checked again once loaded; the demo model is built at this size
+        m = cfg.model.demo
+        check_image_sizes(cfg, 2 ** (len(m.unet_channels) - 1 + max(len(m.vae_channels) - 1, 0)))
     if d.cache:
         from jaxcond.data.cache import check_cacheable
 
@@ -204,8 +216,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _int_at_least("loader.workers", cfg.loader.workers, 1)
     _int_at_least("loader.prefetch", cfg.loader.prefetch, 1)
     _int_at_least("loader.processes", cfg.loader.processes, 0)
-    _check(all(g >= 0 for g in cfg.sample.guidance), "sample.guidance", cfg.sample.guidance,
-           "scales must be >= 0")
+    s = cfg.sample
+    _int_at_least("sample.num_prompts", s.num_prompts, 1)
+    _int_at_least("sample.per_prompt", s.per_prompt, 1)
+    _int_at_least("sample.steps", s.steps, 1)
+    _check(len(s.guidance) > 0 and all(g >= 0 for g in s.guidance), "sample.guidance", s.guidance,
+           "one or more scales, each >= 0")
     from jaxcond.sampling import SCHEDULERS
 
     _one_of("sample.scheduler", cfg.sample.scheduler, SCHEDULERS)

@@ -25,7 +25,14 @@ BAD = [
     ("diffusion.prediction_type", "x0", r"config.diffusion.prediction_type = 'x0'"),
     ("model.demo.unet_channels", (16, 32), r"config.model.demo.unet_channels .* multiple of 32"),
     ("seed", -1, r"config.seed = -1"),
+    ("model.demo.attention_heads", 3, r"config.model.demo.attention_heads = 3: must divide the widths of the "
+                                      r"cross-attention levels \(32,\)"),
     ("data.resolution", 15, r"config.data.resolution = 15: must be a multiple of 2: this model downsamples"),
+    ("data.heldout_fraction", 0.99, r"config.data.heldout_fraction = 0.99: .*too large: could hold out only"),
+    ("sample.num_prompts", 0, r"config.sample.num_prompts = 0: must be an integer >= 1"),
+    ("sample.per_prompt", 0, r"config.sample.per_prompt = 0: must be an integer >= 1"),
+    ("sample.steps", 0, r"config.sample.steps = 0: must be an integer >= 1"),
+    ("sample.guidance", (), r"config.sample.guidance = \(\): one or more scales, each >= 0"),
 ]
 
 

@@ -251,6 +251,29 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint(fault_config, reference
                  jax.device_get(out["state"]))
 
 
+def test_an_error_after_the_last_save_keeps_that_checkpoint(fault_config, reference, tmp_path):
+    """The final evaluation fails while the last (asynchronous) save is still being written:
+    the process lets the write finish before it exits with the error, where exiting at once
+    left only `4.orbax-checkpoint-tmp` (and orbax's "cannot schedule new futures" errors)."""
+    workdir = str(tmp_path / "run")
+    cfg = copy.deepcopy(fault_config)
+    cfg.train.steps = 4
+    shutil.copytree(os.path.join(reference, "checkpoints", "2"), os.path.join(workdir, "checkpoints", "2"))
+    failing = [sys.executable, "-c",
+               "import sys; sys.argv[0] = 'jaxcond'\n"
+               "from jaxcond import train\n"
+               "def evaluate(run, state):\n"
+               "    raise RuntimeError('evaluation failed')\n"
+               "train.evaluate = evaluate\n"
+               "from jaxcond.cli import main; main()",
+               *_train_cmd(cfg, workdir, tmp_path)[3:]]
+    r = subprocess.run(failing, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "RuntimeError: evaluation failed" in r.stderr, r.stdout + r.stderr
+    assert "cannot schedule new futures" not in r.stderr, r.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert int(train_lib.load_trained(workdir, 4).state["step"]) == 4  # complete: it restores
+
+
 def test_restore_names_arrays_whose_shape_changed(tmp_path):
     ckpts = checkpoint.Checkpoints(str(tmp_path), every_steps=1, keep=1, async_save=False)
     state = {"step": jnp.int32(1), "params": {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}}
