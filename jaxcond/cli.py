@@ -94,7 +94,8 @@ def _masks() -> None:
     except ValueError:
         raise app.UsageError(f"--steps {_STEPS.value!r}: expected A:B, e.g. --steps 0:10") from None
     if not 0 <= a < b:
-        raise app.UsageError(f"--steps {_STEPS.value!r}: expected 0 <= A < B (steps A to B-1), e.g. --steps 0:10")
+        raise app.UsageError(f"--steps {_STEPS.value!r}: expected 0 <= A < B (steps A to B-1), "
+                             "e.g. --steps 0:10")
     try:
         for rec in mask_records(_CONFIG.value, range(a, b)):
             print(json.dumps(rec), flush=True)
@@ -218,8 +219,8 @@ def _parse_flags(argv: list[str], command: str) -> list[str]:
         return rest
     except OSError as e:  # the file is missing or unreadable
         reason = str(e).strip().splitlines()[-1].strip()
-        sys.exit(f"jaxcond {command}: --config {flags.FLAGS['config'].config_filename}: cannot read it ({reason}); "
-                 "pass a config file, e.g. --config configs/demo.py")
+        sys.exit(f"jaxcond {command}: --config {flags.FLAGS['config'].config_filename}: cannot read it "
+                 f"({reason}); pass a config file, e.g. --config configs/demo.py")
     except (AttributeError, KeyError) as e:  # an override's path names no field
         while e.args and isinstance(e.args[0], BaseException):
             e = e.args[0]
@@ -227,8 +228,8 @@ def _parse_flags(argv: list[str], command: str) -> list[str]:
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
         named = [o for o in overrides if o.removeprefix("--config.") in detail
                  or any(f"'{part}'" in detail for part in o.split(".")[1:])]
-        sys.exit(f"jaxcond {command}: {', '.join(named or overrides) or '--config'}: no such config field ({detail}); "
-                 "the fields are listed in the config file")
+        sys.exit(f"jaxcond {command}: {', '.join(named or overrides) or '--config'}: no such config field "
+                 f"({detail}); the fields are listed in the config file")
 
 
 def main() -> None:
