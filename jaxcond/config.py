@@ -151,6 +151,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _one_of("optim.schedule", o.schedule, ("cosine", "constant"))
     _int_at_least("optim.warmup_steps", o.warmup_steps, 0)
     _in_unit_interval("optim.end_lr_fraction", o.end_lr_fraction)
+    for name in ("b1", "b2"):
+        _check(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1) (Adam's decay rates)")
+    # Adam divides by sqrt(second moment) + eps: with 0, a parameter whose gradient is 0
+    # gets 0/0, and every such update would be skipped as non-finite.
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0 (Adam's epsilon, e.g. 1e-8)")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 turns it off)")
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1) (0 turns it off)")
     _int_at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 1)

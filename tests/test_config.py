@@ -25,6 +25,8 @@ BAD = [
     ("diffusion.prediction_type", "x0", r"config.diffusion.prediction_type = 'x0'"),
     ("model.demo.unet_channels", (16, 32), r"config.model.demo.unet_channels .* multiple of 32"),
     ("seed", -1, r"config.seed = -1"),
+    ("optim.b2", 1.5, r"config.optim.b2 = 1.5: must be in \[0, 1\)"),
+    ("optim.eps", 0.0, r"config.optim.eps = 0.0: must be > 0"),
     ("model.demo.attention_heads", 3, r"config.model.demo.attention_heads = 3: must divide the widths of the "
                                       r"cross-attention levels \(32,\)"),
     ("data.resolution", 15, r"config.data.resolution = 15: must be a multiple of 2: this model downsamples"),
