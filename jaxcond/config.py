@@ -114,8 +114,10 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, in
     return sizes
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks every field the run depends on; raises ConfigError on the first bad one."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
+    """Checks every field the run depends on; raises ConfigError on the first bad one.
+    `num_devices` None skips what depends on the devices (the mesh), e.g. for the masks,
+    which do not."""
     _int_at_least("seed", cfg.seed, 0)
     _check(cfg.seed < 2**31, "seed", cfg.seed, "must be < 2**31")
     dropout_groups(cfg)
@@ -128,18 +130,19 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     _int_at_least("train.log_every", t.log_every, 1)
     _int_at_least("train.sample_every", t.sample_every, 0)
     _int_at_least("train.max_skipped_updates", t.max_skipped_updates, -1)
-    sizes = mesh_shape(cfg, num_devices)
-    shards = sizes["data"] * sizes["fsdp"]
     _int_at_least("mesh.dcn_data", cfg.mesh.dcn_data, 1)
-    _check(sizes["data"] % cfg.mesh.dcn_data == 0, "mesh.dcn_data", cfg.mesh.dcn_data,
-           f"must divide the data axis ({sizes['data']}): each slice holds an equal part of it")
     _int_at_least("mesh.fsdp_min_size", cfg.mesh.fsdp_min_size, 1)
     _check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
            f"must be divisible by config.train.grad_accum = {t.grad_accum}")
-    micro = t.global_batch // t.grad_accum
-    _check(micro % shards == 0, "train.global_batch", t.global_batch,
-           f"each micro-batch ({micro} = global_batch / grad_accum) must split evenly over the "
-           f"{shards} devices of the mesh (data x fsdp); use a multiple of {shards * t.grad_accum}")
+    if num_devices is not None:
+        sizes = mesh_shape(cfg, num_devices)
+        shards = sizes["data"] * sizes["fsdp"]
+        _check(sizes["data"] % cfg.mesh.dcn_data == 0, "mesh.dcn_data", cfg.mesh.dcn_data,
+               f"must divide the data axis ({sizes['data']}): each slice holds an equal part of it")
+        micro = t.global_batch // t.grad_accum
+        _check(micro % shards == 0, "train.global_batch", t.global_batch,
+               f"each micro-batch ({micro} = global_batch / grad_accum) must split evenly over the "
+               f"{shards} devices of the mesh (data x fsdp); use a multiple of {shards * t.grad_accum}")
     d = cfg.diffusion
     _int_at_least("diffusion.num_train_timesteps", d.num_train_timesteps, 2)
     _one_of("diffusion.beta_schedule", d.beta_schedule, diffusion.BETA_SCHEDULES)

@@ -16,6 +16,7 @@ from jaxcond.data import order
 def mask_records(cfg: ml_collections.ConfigDict, steps: Iterable[int]) -> Iterator[dict]:
     """One JSON-ready record per step: per group the rate, the dropped batch positions
     and the record ids at those positions (the data order is a function of the step)."""
+    config_lib.validate(cfg, None)  # the masks do not depend on the devices
     groups = config_lib.dropout_groups(cfg)
     batch = cfg.train.global_batch
     if cfg.data.source == "demo":

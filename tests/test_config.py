@@ -123,6 +123,10 @@ def test_cli_masks_prints_the_derived_masks():
     assert len(g["dropped_positions"]) == len(g["dropped_records"]) > 0
     r = _cli("masks", "--config", "configs/demo.py", "--steps", "6:3")
     assert r.returncode != 0 and "expected 0 <= A < B" in r.stderr and not r.stdout
+    # The config is validated as for training (but for the devices, which masks do not depend on).
+    r = _cli("masks", "--config", "configs/demo.py", "--config.train.global_batch=0", "--config.mesh.data=64")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and not r.stdout
+    assert "jaxcond masks: config.train.global_batch = 0: must be an integer >= 1" in r.stderr
     # A reader that stops early (`| head -1`) ends the printing quietly.
     p = subprocess.Popen([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
                           "--steps", "0:100000"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
