@@ -13,6 +13,7 @@ partial folder that `Checkpoints` reports and removes on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -202,3 +203,16 @@ class Checkpoints:
     def close(self) -> None:
         self.wait()
         self._mgr.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        """Closes, also when an error leaves the block: exiting under a save in flight would
+        cut its write short (and lose that checkpoint), so the save finishes first; the
+        error that ended the block is the one reported, not a failed write's."""
+        if exc_type is None:
+            self.close()
+        else:
+            with contextlib.suppress(CheckpointError):
+                self.close()

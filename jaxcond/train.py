@@ -7,7 +7,6 @@ TensorBoard scalars, sample grids and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -416,40 +415,33 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         end = start if jax.process_count() == 1 and stop.signal_name else end
         history, scores, samples = [], {}, None
         limit, skipped = cfg.train.max_skipped_updates, 0
-        try:
-            # Closed (its line ended) also when an error ends the loop, before the message.
-            with tqdm.tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main_process()),
-                           unit="step", dynamic_ncols=True) as bar:
-                for step, batch in run.batches(start, end):
-                    state, m = run.step(state, batch)
-                    runlog.step(step, m)
-                    done = step + 1
-                    interrupted = stop.should_stop(done)
-                    if done % cfg.train.log_every == 0 or done == end or interrupted:
-                        scalars = runlog.flush(done, m)
-                        history.append({"step": done, **scalars})
-                        bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
-                                        ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
-                        # Checked at log steps only: reading the counter every step would stall the device.
-                        skipped = int(scalars["skipped_updates"])
-                        interrupted |= 0 <= limit < skipped
-                    bar.update(1)
-                    if done % cfg.checkpoint.every_steps == 0 or done == end or interrupted:
-                        ckpts.save(done, state, cfg, run.data.state(done), force=True)
-                    if interrupted:
-                        break
-                    every = cfg.train.sample_every
-                    if done == cfg.train.steps or (every and done % every == 0):
-                        grid, scores, samples = evaluate(run, state)
-                        runlog.samples(done, done == cfg.train.steps, grid, scores)
-        except BaseException:
-            # An error after a save started (in the final evaluation, say) must not cost that
-            # checkpoint: exiting now would cut the background write short. Let it finish,
-            # then report the error that ended the loop.
-            with contextlib.suppress(checkpoint.CheckpointError):
-                ckpts.close()
-            raise
-        ckpts.close()
+        # Both closed also when an error ends the loop, before the message: the progress
+        # line ended, and the checkpoint being written finished (see Checkpoints.__exit__).
+        with ckpts, tqdm.tqdm(total=cfg.train.steps, initial=start,
+                              disable=not (progress and is_main_process()), unit="step",
+                              dynamic_ncols=True) as bar:
+            for step, batch in run.batches(start, end):
+                state, m = run.step(state, batch)
+                runlog.step(step, m)
+                done = step + 1
+                interrupted = stop.should_stop(done)
+                if done % cfg.train.log_every == 0 or done == end or interrupted:
+                    scalars = runlog.flush(done, m)
+                    history.append({"step": done, **scalars})
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
+                                    ex_s=f"{scalars['examples_per_s']:.0f}", refresh=False)
+                    # Checked at log steps only: reading the counter every step would stall the device.
+                    skipped = int(scalars["skipped_updates"])
+                    interrupted |= 0 <= limit < skipped
+                bar.update(1)
+                if done % cfg.checkpoint.every_steps == 0 or done == end or interrupted:
+                    ckpts.save(done, state, cfg, run.data.state(done), force=True)
+                if interrupted:
+                    break
+                every = cfg.train.sample_every
+                if done == cfg.train.steps or (every and done % every == 0):
+                    grid, scores, samples = evaluate(run, state)
+                    runlog.samples(done, done == cfg.train.steps, grid, scores)
         runlog.close(scores)
     if 0 <= limit < skipped:
         raise NonFiniteError(
