@@ -16,7 +16,7 @@ import numpy as np
 from jaxcond import train
 from jaxcond.config import ConfigError
 from jaxcond.data import demo as demo_data
-from jaxcond.sampling import SCHEDULERS, sample_grid
+from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
 
 def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
@@ -30,6 +30,9 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
     if steps < 1 or any(g < 0 for g in guidance) or not guidance:
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
     t = train.load_trained(workdir, step)
+    warn_overlong(t.family, prompts, "--prompt")
+    if negative is not None:
+        warn_overlong(t.family, [negative], "--negative_prompt")
     images = sample_grid(t.family, t.spec, t.params(weights), t.family.frozen, list(prompts), list(guidance),
                          seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
     out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")

@@ -27,6 +27,7 @@ the same whatever the mesh.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -37,6 +38,8 @@ from jax.sharding import Mesh
 from jaxcond import diffusion, dropout, rng, sharding, xla
 from jaxcond.models.family import Family, Params
 from jaxcond.train_step import StepSpec, empty_conditioning
+
+log = logging.getLogger("jaxcond")
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++")
 
@@ -174,6 +177,14 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
 
     images = jax.lax.map(one_scale, guidance)[:, :n]
     return images if mesh is None else jax.lax.with_sharding_constraint(images, sharding.replicated(mesh))
+
+
+def warn_overlong(family: Family, prompts: Sequence[str], what: str) -> None:
+    """Logs the prompts the text encoder cuts: their samples follow only the start."""
+    cut = [p for p, over in zip(prompts, family.overlong(prompts)) if over]
+    if cut:
+        log.warning("%s: %d of %d prompts are longer than the text encoder's %d tokens; the model sees "
+                    "only their start (first: %r)", what, len(cut), len(prompts), family.max_length, cut[0])
 
 
 def local_mesh() -> Mesh:

@@ -34,7 +34,7 @@ from jaxcond.data import demo as demo_data, pipeline
 from jaxcond.models import demo as demo_model
 from jaxcond.models.family import Family
 from jaxcond.models.unet_clip import UNetCLIP
-from jaxcond.sampling import sample_grid
+from jaxcond.sampling import sample_grid, warn_overlong
 
 log = logging.getLogger("jaxcond")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -150,6 +150,8 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
     config_lib.check_image_sizes(cfg, family.size_multiple)
     groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
     data = pipeline.make_data(cfg, family)
+    if cfg.data.eval_prompts:  # the default ones are training captions, counted with the data
+        warn_overlong(family, list(cfg.data.eval_prompts), "config.data.eval_prompts")
     spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)
     tx, lr = ts.make_optimizer(cfg)
     abstract = abstract_state(family, spec, tx, cfg.train.param_dtype,

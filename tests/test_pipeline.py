@@ -89,6 +89,39 @@ def test_training_from_a_folder_resumes_exactly_and_logs_its_masks(folder_run, t
     assert (tmp_path / "ref" / "samples_final.png").exists() and ref["scores"] == {}
 
 
+def test_captions_the_text_encoder_cuts_are_kept_and_counted(config, family, image_folder, tmp_path, caplog):
+    """The demo tokenizer holds 12 tokens: start, 10 words, end."""
+    ten, eleven = " ".join(["red"] * 10), " ".join(["red"] * 11)
+    assert family.overlong([ten, eleven, ""]).tolist() == [False, True, False]
+    np.testing.assert_array_equal(family.tokenize([eleven]), family.tokenize([ten]))  # the 11th word is lost
+    folder = tmp_path / "long"
+    folder.mkdir()
+    for name in sorted(os.listdir(image_folder))[:40]:  # 000.png ... 019.txt: one batch of squares
+        shutil.copy(image_folder / name, folder / name)
+    for name in ("001.txt", "007.txt"):
+        (folder / name).write_text((folder / name).read_text() + ", in the style of a children's book")
+    cfg = file_config(config, folder)
+    with caplog.at_level("INFO", logger="jaxcond"):
+        data = pipeline.make_data(cfg, family)
+    what = "caption over the text encoder's 12 tokens: kept, end cut"
+    assert data.num_records == 20 and data.report.counts[what] == 2
+    assert data.report.examples[what] == [str(folder / "001.png"), str(folder / "007.png")]
+    assert f"{what:<66} {2:>7}  001.png, 007.png" in caplog.text  # the report table printed at start
+    assert "children" in data.records[1].caption  # kept whole: augmentation may move the cut
+
+
+def test_overlong_prompts_are_named_when_sampling(family, caplog):
+    from jaxcond.sampling import warn_overlong
+
+    with caplog.at_level("WARNING", logger="jaxcond"):
+        warn_overlong(family, ["a red circle on a blue background"] * 2, "--prompt")
+        assert not caplog.records
+        warn_overlong(family, ["a red circle", " ".join(["red"] * 11)], "--prompt")
+    assert caplog.records[0].getMessage() == (
+        "--prompt: 1 of 2 prompts are longer than the text encoder's 12 tokens; the model sees only their "
+        "start (first: 'red red red red red red red red red red red')")
+
+
 def test_file_source_config_errors(config, tmp_path):
     cfg = copy.deepcopy(config)
     cfg.data.source = "folder"

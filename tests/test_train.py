@@ -41,6 +41,9 @@ class Spy(Family):
     def tokenize(self, captions):
         return self.inner.tokenize(captions)
 
+    def overlong(self, captions):
+        return self.inner.overlong(captions)
+
     def encode(self, frozen, tokens):
         return self.inner.encode(frozen, tokens)
 

@@ -15,6 +15,7 @@ printed before training; nothing is dropped silently and nothing crashes mid-epo
 | EXIF orientation | applied (rotated upright), counted |
 | smaller than the training size | upscaled (counted), or skipped with `too_small="skip"` |
 | more than `max_pixels` pixels | skipped (counted): likely a decompression bomb or a mistake |
+| caption longer than the text encoder's tokens | kept whole, counted (`pipeline.FileData`, with the model's tokenizer) |
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -160,6 +161,8 @@ class FileData(Data):
         self.family, self.report = family, files.Report()
         self.bucket_shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
         self.records, self.sizes = self._load(cfg)
+        if family is not None:
+            self._count_overlong()
         if len(self.records) < self.global_batch:
             raise files.DataError(f"{d.path}: {len(self.records)} usable images, fewer than one "
                                   f"global batch ({self.global_batch}); see the table above")
@@ -193,6 +196,18 @@ class FileData(Data):
                     kept.append(files.Record(len(kept), r.path, r.caption))
                     sizes.append(dec.original_size)
         return kept, sizes
+
+    def _count_overlong(self) -> None:
+        """Counts the captions the text encoder cuts: kept (their start still teaches), but
+        what follows the limit never reaches the model, and a user should know."""
+        what = f"caption over the text encoder's {self.family.max_length} tokens: kept, end cut"
+        with tqdm.tqdm(total=len(self.records), desc="checking captions", unit="caption",
+                       disable=len(self.records) < 50_000) as bar:  # ~4,000 a second
+            for start in range(0, len(self.records), 4096):
+                part = self.records[start:start + 4096]
+                for r in itertools.compress(part, self.family.overlong([r.caption for r in part])):
+                    self.report.add(what, r.path)
+                bar.update(len(part))
 
     def _identity(self) -> Iterator[str]:
         if self.source_digest:

@@ -38,9 +38,17 @@ class Family(abc.ABC):
     trainable: Params
     frozen: Params
 
+    #: Tokens per caption, start and end included; `tokenize` cuts longer captions.
+    max_length: int
+
     @abc.abstractmethod
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         """Host-side: int32 token ids [B, ...]."""
+
+    @abc.abstractmethod
+    def overlong(self, captions: Sequence[str]) -> np.ndarray:
+        """Host-side: bool [B], True where `tokenize` cuts the caption's end off, so the
+        data report can count text the model never sees."""
 
     #: Conditioners the data supplies per example rather than the text encoders (SDXL's
     #: time_ids: original size, crop offsets, target size).

@@ -144,6 +144,11 @@ class UNetCLIP(Family):
                  return_tensors="np").input_ids.astype(np.int32) for t in self.tokenizers]
         return ids[0] if len(ids) == 1 else np.stack(ids, axis=1)  # [B, T] or [B, 2, T]
 
+    def overlong(self, captions: Sequence[str]) -> np.ndarray:
+        # SDXL's two tokenizers share one vocabulary and limit: they split every caption alike.
+        ids = self.tokenizers[0](list(captions), truncation=False, verbose=False).input_ids
+        return np.array([len(i) > self.max_length for i in ids], bool)
+
     def _hidden(self, name: str, params: Params, tokens: jax.Array) -> tuple[jax.Array, Any]:
         model = self.text_models[name]
         out = model(input_ids=tokens, params=params[name], train=False, output_hidden_states=True)
