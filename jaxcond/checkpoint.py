@@ -82,6 +82,17 @@ def _quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 class Checkpoints:
     """A thin wrapper over ocp.CheckpointManager fixing jaxcond's layout and policy."""
 
@@ -100,14 +111,22 @@ class Checkpoints:
                         "writing them: %s", len(self.partial), self.directory, ", ".join(self.partial))
             for name in self.partial:  # Orbax never reads them; only process 0 deletes
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        options = (ocp.CheckpointManagerOptions(read_only=True, create=False) if read_only else
+        options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+                   if read_only else
                    ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
                                                 create=True, enable_async_checkpointing=async_save))
-        # Handlers named up front, so a fresh manager can also read a checkpoint's metadata.
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.PyTreeCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler()})
+        # Orbax warns that a read-only manager is read-only; `sample`, `export` and `verify`
+        # asked for that, and a warning on every call teaches users to ignore warnings.
+        absl_log, quiet = logging.getLogger("absl"), _DropMessage("Given directory is read only")
+        absl_log.addFilter(quiet)
+        try:
+            # Handlers named up front, so a fresh manager can also read a checkpoint's metadata.
+            self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler()})
+        finally:
+            absl_log.removeFilter(quiet)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()

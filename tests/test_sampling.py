@@ -199,6 +199,7 @@ def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
            "--guidance", "1,3", "--steps", "3", "--seed", "5", "--scheduler", "dpm++", "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "read only" not in r.stderr  # Orbax's notices about the read-only manager it was asked for
     first = np.asarray(Image.open(out))
     assert first.shape[0] > 2 * 16 * 4 and first.shape[1] > 2 * 16 * 4  # 2x2 tiles at 4x, plus labels
     again = generate(str(run), ["a red circle on a blue background", "a green square on a black background"],
