@@ -144,6 +144,7 @@ def test_kohya_repeat_folders(tmp_path):
 
 def test_metadata_jsonl_and_csv(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "b.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n"
                                              + json.dumps({"file_name": "b.png"}) + "\n")
     report = files.Report()
@@ -157,6 +158,27 @@ def test_metadata_jsonl_and_csv(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"file_name": \n')
     with pytest.raises(files.DataError, match=r"broken.jsonl:1: not valid JSON"):
         files.scan_metadata(str(tmp_path / "broken.jsonl"), files.Report())
+
+
+def test_metadata_from_spreadsheets_and_stale_lists(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    # Excel and Notepad start UTF-8 files with a byte-order mark.
+    (tmp_path / "bom.csv").write_bytes("\ufefffile_name,text\r\na.png,\"caf\xe9, two\nlines\"\r\n".encode())
+    assert [r.caption for r in files.scan_metadata(str(tmp_path / "bom.csv"), files.Report())] == ["caf\xe9, two\nlines"]
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"file_name": "a.png", "text": "x"}\r\n'.encode())
+    assert [r.caption for r in files.scan_metadata(str(tmp_path / "bom.jsonl"), files.Report())] == ["x"]
+    # A row whose file was deleted or renamed is skipped and counted, not a crash at start.
+    (tmp_path / "stale.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n"
+                                          + json.dumps({"file_name": "a.png", "text": "y"}) + "\n")
+    report = files.Report()
+    assert [r.caption for r in files.scan_metadata(str(tmp_path / "stale.jsonl"), report)] == ["y"]
+    assert report.examples == {"skipped: listed in the metadata, no such file": [str(tmp_path / "gone.png")]}
+    (tmp_path / "latin.csv").write_bytes("file_name,text\na.png,ok\na.png,caf\xe9\n".encode("cp1252"))
+    with pytest.raises(files.DataError, match=r"^.*latin.csv:3: not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
+        files.scan_metadata(str(tmp_path / "latin.csv"), files.Report())
+    (tmp_path / "list.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n["a.png", "x"]\n')
+    with pytest.raises(files.DataError, match=r"list.jsonl:2: a JSON list, not an object"):
+        files.scan_metadata(str(tmp_path / "list.jsonl"), files.Report())
 
 
 def test_caption_augmentation_is_deterministic_and_keeps_leading_tags():

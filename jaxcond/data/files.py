@@ -15,6 +15,8 @@ printed before training; nothing is dropped silently and nothing crashes mid-epo
 | EXIF orientation | applied (rotated upright), counted |
 | smaller than the training size | upscaled (counted), or skipped with `too_small="skip"` |
 | more than `max_pixels` pixels | skipped (counted): likely a decompression bomb or a mistake |
+| metadata row naming a file that does not exist | skipped (counted) |
+| metadata file not in UTF-8, or a JSON line that is not an object | refused, naming the line |
 | caption longer than the text encoder's tokens | kept whole, counted (`pipeline.FileData`, with the model's tokenizer) |
 """
 
@@ -28,6 +30,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -137,10 +140,16 @@ def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
     rows = list(_metadata_rows(path))
     records = []
     for line, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: a JSON {type(row).__name__}, not an object; each line "
+                            'needs one object like {"file_name": "a.png", "text": "a caption"}')
         if "file_name" not in row:
             raise DataError(f"{path}:{line}: no 'file_name' column/key (found {sorted(row)}); "
                             "each row needs file_name and text")
         image = os.path.join(base, row["file_name"])
+        if not os.path.isfile(image):
+            report.add("skipped: listed in the metadata, no such file", image)
+            continue
         text = row.get("text")
         caption = caption_policy(None if text is None else str(text).strip(), image, report,
                                   missing_caption, empty_caption)
@@ -149,21 +158,26 @@ def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
     return records
 
 
-def _metadata_rows(path: str) -> Iterator[tuple[int, dict]]:
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); one object per line") from None
-    elif path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), 2):
-                yield i, row
-    else:
+def _metadata_rows(path: str) -> Iterator[tuple[int, Any]]:
+    if not path.endswith((".jsonl", ".csv")):
         raise DataError(f"{path!r}: metadata must be a .jsonl or .csv file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheet programs often start with a BOM
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8, "
+                        "or the captions would be read wrong") from None
+    if path.endswith(".jsonl"):
+        for i, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); one object per line") from None
+    else:
+        yield from enumerate(csv.DictReader(io.StringIO(text, newline="")), 2)
 
 
 @dataclasses.dataclass(frozen=True)
