@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.buckets = ()  # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square.
     c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
     c.data.flip = False  # Random horizontal flips (same determinism as the crop).
+    c.data.caption_extension = ".txt"  # folder: captions in <image stem><this>, e.g. .caption (kohya).
     c.data.missing_caption = "skip"  # Image without caption: skip | empty (train it unconditionally).
     c.data.empty_caption = "keep"  # Empty caption: keep (an unconditional example) | skip.
     c.data.too_small = "upscale"  # Image smaller than its bucket: upscale | skip.

@@ -209,6 +209,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
             _check(len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b), "data.buckets",
                    d.buckets, "each bucket is (height, width) in pixels, both integers >= 8")
         _one_of("data.crop", d.crop, ("center", "random"))
+        _check(d.caption_extension.startswith(".") and len(d.caption_extension) > 1
+               and os.sep not in d.caption_extension, "data.caption_extension", d.caption_extension,
+               "a file extension with its dot, e.g. .txt or .caption")
         _one_of("data.missing_caption", d.missing_caption, ("skip", "empty"))
         _one_of("data.empty_caption", d.empty_caption, ("keep", "skip"))
         _one_of("data.too_small", d.too_small, ("upscale", "skip"))

@@ -134,8 +134,32 @@ def test_file_source_config_errors(config, tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "few" / "a.png")
     (tmp_path / "few" / "a.txt").write_text("x")
     cfg.data.path = str(tmp_path / "few")
-    with pytest.raises(files.DataError, match="fewer than one global batch"):
+    with pytest.raises(files.DataError, match=r"1 usable images, fewer than one global batch \(16\); see the "
+                                              r"table above$"):
         train_lib.train(cfg, str(tmp_path), progress=False)
+
+
+def test_captions_with_another_extension(config, family, image_folder, tmp_path, caplog):
+    folder = tmp_path / "kohya"
+    folder.mkdir()
+    for i in range(16):
+        shutil.copy(image_folder / f"{i:03d}.png", folder)
+        shutil.copy(image_folder / f"{i:03d}.txt", folder / f"{i:03d}.caption")
+    cfg = copy.deepcopy(config)
+    cfg.data.source, cfg.data.path = "folder", str(folder)
+    with caplog.at_level("INFO", logger="jaxcond"), pytest.raises(files.DataError) as e:
+        pipeline.make_data(cfg, family)
+    assert str(e.value).endswith("see the table above; 16 images have no <name>.txt caption: set "
+                                 "config.data.caption_extension to their captions' extension, or "
+                                 "config.data.missing_caption=empty")
+    assert f"{'skipped: no caption':<66} {16:>7}  000.png, 001.png, 002.png" in caplog.text  # the table above
+    cfg.data.caption_extension = ".caption"
+    data = pipeline.make_data(cfg, family)
+    assert [r.caption for r in data.records] == [(image_folder / f"{i:03d}.txt").read_text() for i in range(16)]
+    cfg.data.caption_extension = "caption"
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.caption_extension = 'caption': a file "
+                                                     r"extension with its dot, e.g. .txt or .caption"):
+        train_lib.build(cfg, str(tmp_path / "run"))
 
 
 def test_shards_give_the_same_batches_as_the_files(config, family, image_folder, tmp_path):

@@ -46,8 +46,8 @@ CHUNK = 1024  # records per chunk
 NULLS = "nulls.npz"  # the empty caption's encoding per conditioner
 VERSION = 2  # 2: per-record time_ids
 # Data fields whose change makes a cache describe other examples.
-_DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "missing_caption",
-                "empty_caption", "too_small", "num_records", "heldout_fraction", "seed")
+_DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "caption_extension",
+                "missing_caption", "empty_caption", "too_small", "num_records", "heldout_fraction", "seed")
 
 
 def check_cacheable(cfg: ml_collections.ConfigDict) -> None:

@@ -102,8 +102,9 @@ def caption_policy(caption: str | None, path: str, report: Report, missing: str,
 
 
 def scan_folder(root: str, report: Report, *, missing_caption: str = "skip",
-                empty_caption: str = "keep") -> list[Record]:
-    """Images under `root` (recursive, sorted) with their same-stem .txt captions.
+                empty_caption: str = "keep", caption_extension: str = ".txt") -> list[Record]:
+    """Images under `root` (recursive, sorted) with their same-stem captions
+    (`<stem><caption_extension>`).
 
     A sub-folder named like kohya's `<N>_<name>` repeats its images N times.
     """
@@ -118,7 +119,7 @@ def scan_folder(root: str, report: Report, *, missing_caption: str = "skip",
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(dirpath, name)
-            txt = os.path.join(dirpath, stem + ".txt")
+            txt = os.path.join(dirpath, stem + caption_extension)
             caption = read_caption(txt, report) if os.path.exists(txt) else None
             caption = caption_policy(caption, path, report, missing_caption, empty_caption)
             if caption is not None:

@@ -163,16 +163,21 @@ class FileData(Data):
         self.records, self.sizes = self._load(cfg)
         if family is not None:
             self._count_overlong()
-        if len(self.records) < self.global_batch:
-            raise files.DataError(f"{d.path}: {len(self.records)} usable images, fewer than one "
-                                  f"global batch ({self.global_batch}); see the table above")
         self.buckets = tuple(nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
         self.num_records = len(self.records)
-        counts = np.bincount(self.buckets, minlength=len(self.bucket_shapes))
+        counts = np.bincount(np.array(self.buckets, int), minlength=len(self.bucket_shapes))
         log.info("data: %d images from %s\n%s\n  buckets (h x w: images, full batches/epoch): %s",
                  self.num_records, d.path, self.report.table(),
                  ", ".join(f"{h}x{w}: {c}, {c // self.global_batch}"
                            for (h, w), c in zip(self.bucket_shapes, counts)))
+        if self.num_records < self.global_batch:
+            hint = ""
+            if self.report.counts["skipped: no caption"] and d.source == "folder":
+                hint = (f"; {self.report.counts['skipped: no caption']} images have no "
+                        f"<name>{d.caption_extension} caption: set config.data.caption_extension to "
+                        "their captions' extension, or config.data.missing_caption=empty")
+            raise files.DataError(f"{d.path}: {self.num_records} usable images, fewer than one "
+                                  f"global batch ({self.global_batch}); see the table above{hint}")
         if self.steps_per_epoch == 0:
             raise files.DataError(f"no bucket holds a full global batch of {self.global_batch} "
                                   f"(bucket counts {counts.tolist()}); use fewer buckets or a smaller batch")
@@ -182,8 +187,10 @@ class FileData(Data):
         returns the usable records, renumbered, and their (height, width)."""
         d = cfg.data
         policy = dict(missing_caption=d.missing_caption, empty_caption=d.empty_caption)
-        scan = files.scan_folder if d.source == "folder" else files.scan_metadata
-        records = scan(d.path, self.report, **policy)
+        if d.source == "folder":
+            records = files.scan_folder(d.path, self.report, caption_extension=d.caption_extension, **policy)
+        else:
+            records = files.scan_metadata(d.path, self.report, **policy)
 
         def check(r: files.Record) -> files.Decoded | None:
             return files.decode(r.path, self.bucket_shapes[0], self.report, too_small=d.too_small)
