@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import sys
+import traceback
 
+import ml_collections
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
@@ -209,27 +211,72 @@ def _main(argv: list[str], command: str) -> None:
         sys.exit(f"jaxcond {command}: {e}")
 
 
+def _config_file_error(e: BaseException, path: str) -> str | None:
+    """What went wrong inside the config file `path` itself, at which line; None if the
+    error did not come from running it."""
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == os.path.abspath(path):
+        return f"line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
+    if isinstance(e, AttributeError) and "has no attribute 'get_config'" in str(e):
+        return "defines no get_config(); a config file returns its ml_collections.ConfigDict from get_config()"
+    inside = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    if inside:
+        return f"line {inside[-1].lineno} ({inside[-1].line}): {type(e).__name__}: {e}"
+    return None
+
+
 def _parse_flags(argv: list[str], command: str) -> list[str]:
-    """absl's flag parser, with a config file that cannot be read or an override naming no
-    field of it reported in one line (ml_collections raises them as tracebacks)."""
+    """absl's flag parser, with a config file that cannot be read or run, or an override
+    naming no field of it, reported in one line (ml_collections raises them as tracebacks)."""
     try:
         rest = app.parse_flags_with_usage(argv)
         if _CONFIG.value is not None:
             _CONFIG.value.keys()  # a file that failed to load raises only once used, mid-run
-        return rest
-    except OSError as e:  # the file is missing or unreadable
+    except Exception as e:
+        sys.exit(f"jaxcond {command}: {_flag_error(e, argv)}")
+    if _CONFIG.value is not None and not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+        sys.exit(f"jaxcond {command}: --config {_config_arg(argv)}: get_config() returned a "
+                 f"{type(_CONFIG.value).__name__}, not an ml_collections.ConfigDict")
+    return rest
+
+
+def _config_arg(argv: list[str]) -> str:
+    """The --config file as given (the flag knows it only once the file has loaded)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def _flag_error(e: Exception, argv: list[str]) -> str:
+    """The one line saying which flag or config-file line `e`, raised parsing them, is about."""
+    path = _config_arg(argv)
+    if path:
+        where = os.path.abspath(path)
+        if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == where:
+            return f"--config {path}: line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
+        if isinstance(e, AttributeError) and "has no attribute 'get_config'" in str(e):
+            return (f"--config {path}: defines no get_config(); a config file returns its "
+                    "ml_collections.ConfigDict from get_config() (see configs/demo.py)")
+        inside = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == where]
+        if inside:  # the config file's own code raised
+            return f"--config {path}: line {inside[-1].lineno} ({inside[-1].line}): {type(e).__name__}: {e}"
+    if isinstance(e, OSError):  # the file is missing or unreadable
         reason = str(e).strip().splitlines()[-1].strip()
-        sys.exit(f"jaxcond {command}: --config {flags.FLAGS['config'].config_filename}: cannot read it "
-                 f"({reason}); pass a config file, e.g. --config configs/demo.py")
-    except (AttributeError, KeyError) as e:  # an override's path names no field
+        return (f"--config {path}: cannot read it ({reason}); pass a config file, "
+                "e.g. --config configs/demo.py")
+    if isinstance(e, (AttributeError, KeyError)):  # an override's path names no field
         while e.args and isinstance(e.args[0], BaseException):
             e = e.args[0]
         detail = str(e.args[0] if e.args else e).replace("\n", "; ")
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
         named = [o for o in overrides if o.removeprefix("--config.") in detail
                  or any(f"'{part}'" in detail for part in o.split(".")[1:])]
-        sys.exit(f"jaxcond {command}: {', '.join(named or overrides) or '--config'}: no such config field "
-                 f"({detail}); the fields are listed in the config file")
+        return (f"{', '.join(named or overrides) or '--config'}: no such config field ({detail}); "
+                "the fields are listed in the config file")
+    raise e
 
 
 def main() -> None:

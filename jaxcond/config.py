@@ -118,6 +118,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
     """Checks every field the run depends on; raises ConfigError on the first bad one.
     `num_devices` None skips what depends on the devices (the mesh), e.g. for the masks,
     which do not."""
+    try:
+        _validate(cfg, num_devices)
+    except AttributeError as e:  # ConfigDict's missing field: AttributeError(KeyError(name))
+        if not (e.args and isinstance(e.args[0], KeyError)):
+            raise
+        raise ConfigError(f"the config has no field {e.args[0].args[0]}: a config file defines every field of "
+                          "configs/demo.py; build on it with jaxcond.config.from_file('configs/demo.py')"
+                          ) from None
+
+
+def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
     _int_at_least("seed", cfg.seed, 0)
     _check(cfg.seed < 2**31, "seed", cfg.seed, "must be < 2**31")
     dropout_groups(cfg)

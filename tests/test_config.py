@@ -110,6 +110,29 @@ def test_cli_unknown_field_missing_file_and_missing_workdir():
     assert r.returncode == 2 and "usage: jaxcond COMMAND" in r.stderr
 
 
+CONFIG_FILES = [  # (the file's text, jaxcond's one line about it)
+    ("def get_config(:\n    pass\n", "line 1: invalid syntax: def get_config(:"),
+    ("X = 1\n", "defines no get_config(); a config file returns its ml_collections.ConfigDict from get_config() "
+                "(see configs/demo.py)"),
+    ("def get_config():\n    return {'seed': 0}\n", "get_config() returned a dict, not an ml_collections.ConfigDict"),
+    ("def get_config():\n    return undefined\n",
+     "line 2 (return undefined): NameError: name 'undefined' is not defined"),
+    ("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'seed': 0})\n",
+     "the config has no field 'dropout': a config file defines every field of configs/demo.py; build on it "
+     "with jaxcond.config.from_file('configs/demo.py')"),
+]
+
+
+@pytest.mark.parametrize("text,message", CONFIG_FILES)
+def test_cli_names_what_is_wrong_in_a_config_file(tmp_path, text, message):
+    path = tmp_path / "mine.py"
+    path.write_text(text)
+    r = _cli("masks", f"--config={path}", "--steps", "0:1")
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    where = "" if message.startswith("the config has") else f"--config {path}: "
+    assert r.stderr.strip().splitlines() == [f"jaxcond masks: {where}{message}"]
+
+
 def test_cli_masks_prints_the_derived_masks():
     r = _cli("masks", "--config", "configs/demo.py", "--steps", "3:6")
     assert r.returncode == 0, r.stderr
