@@ -217,8 +217,9 @@ def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
                 "hf": "datasets folder (save_to_disk) or hub id"}[d.source]
         _check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the {what}")
         for b in d.buckets:
-            _check(len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b), "data.buckets",
-                   d.buckets, "each bucket is (height, width) in pixels, both integers >= 8")
+            _check(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b),
+                   "data.buckets", d.buckets, "each bucket is (height, width) in pixels, both integers >= 8; "
+                   "one bucket is written ((h, w),)")
         _one_of("data.crop", d.crop, ("center", "random"))
         _check(d.caption_extension.startswith(".") and len(d.caption_extension) > 1
                and os.sep not in d.caption_extension, "data.caption_extension", d.caption_extension,

@@ -128,6 +128,11 @@ def test_file_source_config_errors(config, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="config.data.path"):
         train_lib.train(cfg, str(tmp_path), progress=False)
     cfg.data.path = str(tmp_path / "missing")
+    cfg.data.buckets = (32, 32)  # one bucket without its enclosing tuple
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets = \(32, 32\): each bucket is \(height, "
+                                                     r"width\) .*; one bucket is written \(\(h, w\),\)$"):
+        config_lib.validate(cfg, None)
+    cfg.data.buckets = ()
     with pytest.raises(files.DataError, match="does not exist"):
         train_lib.train(cfg, str(tmp_path), progress=False)
     (tmp_path / "few").mkdir()
