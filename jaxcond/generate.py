@@ -29,13 +29,20 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
         raise ConfigError(f"--scheduler {scheduler!r}: use one of {SCHEDULERS}")
     if steps < 1 or any(g < 0 for g in guidance) or not guidance:
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
+    if out is not None and not out.lower().endswith(".png"):
+        raise ConfigError(f"--out {out}: the grid is written as a PNG; give a path ending in .png")
     t = train.load_trained(workdir, step)
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")
+    out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
+    try:  # before sampling, which takes long enough to be lost
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create its folder {e.filename} ({e.strerror}); "
+                          "choose another path") from None
     images = sample_grid(t.family, t.spec, t.params(weights), t.family.frozen, list(prompts), list(guidance),
                          seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
-    out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
     demo_data.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
                         row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])
     return out

@@ -206,6 +206,9 @@ def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
                      [1.0, 3.0], steps=3, seed=5, scheduler="dpm++", out=str(tmp_path / "again.png"))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again)))  # deterministic from the seed
     for flag, value, message in (("--scheduler", "heun", "--scheduler 'heun': use one of"),
-                                 ("--guidance", "1,a", "--guidance '1,a' must be numbers")):
+                                 ("--guidance", "1,a", "--guidance '1,a' must be numbers"),
+                                 ("--out", "grid.jpg", "--out grid.jpg: the grid is written as a PNG"),
+                                 ("--out", str(out / "x.png"), f"--out {out / 'x.png'}: cannot create its folder "
+                                                               f"{out} (File exists)")):
         bad = subprocess.run(cmd[:6] + ["--prompt", "x", flag, value], cwd=ROOT, capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
