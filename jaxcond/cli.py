@@ -135,10 +135,7 @@ def _export() -> None:
 
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR")
-    try:
-        m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value)
-    except FileExistsError as e:
-        raise app.UsageError(str(e)) from None
+    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value)
     print(f"exported step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
           f"nulls {m['nulls']}")
 

@@ -16,7 +16,7 @@ import os
 import jax
 
 from jaxcond import train
-from jaxcond.config import ConfigError
+from jaxcond.config import ConfigError, make_output_dir
 from jaxcond.models import convert
 from jaxcond.models.family import Family
 
@@ -59,14 +59,14 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest.
     `single_file` adds `<out>/<name of out>.safetensors` in the original SD layout."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
-        raise FileExistsError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
-                              "choose a new or empty folder")
+        raise ConfigError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
+                          "choose a new or empty folder")
+    make_output_dir(out, "--out")
     t = train.load_trained(workdir, step)
     params = jax.device_get(t.params(weights))
     if single_file and not t.family.latent:
         raise ConfigError("--single_file: the original single-file layout holds a VAE, and this model is "
                           "pixel-space; export without --single_file")
-    os.makedirs(out, exist_ok=True)
     t.family.save(out, params["model"])
     name = None
     if single_file:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxcond import train
-from jaxcond.config import ConfigError
+from jaxcond.config import ConfigError, make_output_dir
 from jaxcond.data import demo as demo_data
 from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
@@ -36,11 +36,7 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")
     out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
-    try:  # before sampling, which takes long enough to be lost
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create its folder {e.filename} ({e.strerror}); "
-                          "choose another path") from None
+    make_output_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")  # before sampling
     images = sample_grid(t.family, t.spec, t.params(weights), t.family.frozen, list(prompts), list(guidance),
                          seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
     demo_data.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),

@@ -351,25 +351,6 @@ class NonFiniteError(RuntimeError):
     """Too many updates had a non-finite loss or gradient; the last good state is saved."""
 
 
-def prepare_run_dir(workdir: str) -> None:
-    """Creates `workdir` and proves it writable before anything expensive starts."""
-    if "://" in workdir:  # os.makedirs would quietly make a local folder "gs:" instead
-        raise checkpoint.CheckpointError(
-            f"the run directory {workdir!r} is a URL, which is not supported yet (logs and samples "
-            "are written as local files): use a path every host sees, e.g. a GCS FUSE mount "
-            "(/gcs/BUCKET/run) or NFS")
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise checkpoint.CheckpointError(
-            f"the run directory {workdir!r} is not writable ({e.strerror or e}): choose another "
-            "--workdir or fix its permissions/space") from None
-
-
 def check_free_space(workdir: str, state: Any) -> None:
     """Refuses to start when the disk cannot hold even one checkpoint of `state`."""
     need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -395,7 +376,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     cfg.train.max_skipped_updates updates were skipped for non-finite numbers.
     Every process of a multi-host run calls this with the same arguments.
     """
-    prepare_run_dir(workdir)
+    config_lib.make_output_dir(workdir, "--workdir")  # before anything expensive starts
     with preemption.StopRequests() as stop:  # from here on, SIGTERM/Ctrl-C end the run cleanly
         run = build(cfg, workdir)
         ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),

@@ -133,6 +133,19 @@ def test_cli_names_what_is_wrong_in_a_config_file(tmp_path, text, message):
     assert r.stderr.strip().splitlines() == [f"jaxcond masks: {where}{message}"]
 
 
+def test_output_folders_are_made_and_proven_writable_up_front(tmp_path, monkeypatch):
+    config_lib.make_output_dir(str(tmp_path / "new" / "deep"), "--out")
+    assert os.listdir(tmp_path / "new" / "deep") == []  # the write probe is gone
+    (tmp_path / "f").write_text("x")
+    for path, message in ((tmp_path / "f", "is a file, not a folder: choose another path"),
+                          (tmp_path / "f" / "sub", r"is not writable \(Not a directory\): choose another path"),
+                          ("gs://bucket/x", "is a URL, which is not supported yet")):
+        with pytest.raises(config_lib.ConfigError, match=f"^--out '{path}' {message}"):
+            config_lib.make_output_dir(str(path), "--out")
+    monkeypatch.chdir(tmp_path)
+    assert not os.path.exists("gs:")  # os.makedirs would have made a local folder of the URL
+
+
 def test_cli_masks_prints_the_derived_masks():
     r = _cli("masks", "--config", "configs/demo.py", "--steps", "3:6")
     assert r.returncode == 0, r.stderr

@@ -84,7 +84,7 @@ def test_export_raw_and_errors(run_dir, tmp_path):
         export_lib.export(run_dir, str(tmp_path / "x"), step=5)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "precious.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not an earlier export"):
+    with pytest.raises(ConfigError, match="not an earlier export"):
         export_lib.export(run_dir, str(tmp_path / "full"))
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         export_lib.export(str(tmp_path), str(tmp_path / "y"))

@@ -211,10 +211,11 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(fault_config, tmp_pat
 def test_unwritable_or_full_run_directory_fails_before_training(fault_config, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(checkpoint.CheckpointError, match="not writable.*choose another --workdir"):
+    with pytest.raises(config_lib.ConfigError, match=f"--workdir '{blocker / 'run'}' is not writable "
+                                                     r"\(Not a directory\): choose another path"):
         train_lib.train(fault_config, str(blocker / "run"), progress=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(checkpoint.CheckpointError, match="'gs://bucket/run' is a URL, which is not supported"):
+    with pytest.raises(config_lib.ConfigError, match="--workdir 'gs://bucket/run' is a URL, which is not supported"):
         train_lib.train(fault_config, "gs://bucket/run", progress=False)
     assert not (tmp_path / "gs:").exists()
     monkeypatch.setattr(train_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())

@@ -199,6 +199,12 @@ def test_cli_shards_writes_and_names_the_training_flags(image_folder, tmp_path):
     assert "104 records in 2 shards" in r.stdout and "--config.data.source=shards" in r.stdout
     r = _cli("shards", "--config", "configs/demo.py", f"--shards_out={tmp_path / 't'}")
     assert r.returncode != 0 and "not 'demo'" in r.stderr and "Traceback" not in r.stderr
+    blocked = tmp_path / "s" / "index.json" / "more"  # under a file
+    r = _cli("shards", "--config", "configs/demo.py", "--config.data.source=folder",
+             f"--config.data.path={image_folder}", f"--shards_out={blocked}")
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"jaxcond shards: --shards_out '{blocked}' is not writable (Not a directory): choose another path or "
+        "fix its permissions/space"]
 
 
 def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_path):

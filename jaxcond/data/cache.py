@@ -37,7 +37,7 @@ import numpy as np
 import tqdm
 
 from jaxcond import xla
-from jaxcond.config import ConfigError, check_image_sizes
+from jaxcond.config import ConfigError, check_image_sizes, make_output_dir
 from jaxcond.data import pipeline
 from jaxcond.models.family import Family
 from jaxcond.train_step import empty_tokens
@@ -110,11 +110,11 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
     """Writes (or completes) the cache of `cfg`'s data under `directory`; returns the manifest."""
     check_cacheable(cfg)
     check_image_sizes(cfg, family.size_multiple)
+    make_output_dir(directory, "config.data.cache")
     data = pipeline.make_data(cfg, family, use_cache=False)
     want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(cfg),
             "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,
             "fingerprint": data.fingerprint}  # what a checkpoint of a run on this data records
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "manifest.json")
     manifest = {**want, "fields": {}, "done": []}
     if os.path.exists(path):

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from jaxcond.config import make_output_dir
 from jaxcond.data import files, pipeline
 
 INDEX = "index.json"
@@ -31,8 +32,8 @@ def write(cfg: ml_collections.ConfigDict, out: str, num_shards: int) -> dict:
 
     if cfg.data.source not in ("folder", "metadata", "hf"):
         raise files.DataError(f"shards are written from a folder, metadata or hf source, not {cfg.data.source!r}")
+    make_output_dir(out, "--shards_out")  # before the scan, which can take hours
     data = pipeline.make_data(cfg, None, use_cache=False)
-    os.makedirs(out, exist_ok=True)
     names = [f"shard-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
     bounds = np.linspace(0, data.num_records, num_shards + 1).astype(int)
     for k, name in enumerate(tqdm.tqdm(names, desc="writing shards", unit="shard")):
