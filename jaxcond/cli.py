@@ -208,20 +208,6 @@ def _main(argv: list[str], command: str) -> None:
         sys.exit(f"jaxcond {command}: {e}")
 
 
-def _config_file_error(e: BaseException, path: str) -> str | None:
-    """What went wrong inside the config file `path` itself, at which line; None if the
-    error did not come from running it."""
-    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == os.path.abspath(path):
-        return f"line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
-    if isinstance(e, AttributeError) and "has no attribute 'get_config'" in str(e):
-        return "defines no get_config(); a config file returns its ml_collections.ConfigDict from get_config()"
-    inside = [f for f in traceback.extract_tb(e.__traceback__)
-              if os.path.abspath(f.filename) == os.path.abspath(path)]
-    if inside:
-        return f"line {inside[-1].lineno} ({inside[-1].line}): {type(e).__name__}: {e}"
-    return None
-
-
 def _parse_flags(argv: list[str], command: str) -> list[str]:
     """absl's flag parser, with a config file that cannot be read or run, or an override
     naming no field of it, reported in one line (ml_collections raises them as tracebacks)."""
@@ -248,7 +234,8 @@ def _config_arg(argv: list[str]) -> str:
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:
-    """The one line saying which flag or config-file line `e`, raised parsing them, is about."""
+    """The one line saying which flag or config-file line `e`, raised parsing them, is
+    about; anything else is re-raised as it is."""
     path = _config_arg(argv)
     if path:
         where = os.path.abspath(path)
