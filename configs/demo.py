@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.heldout_fraction = 0.1  # Share of (shape, colour, background) combinations never trained on.
     c.data.seed = 0  # Seed of the dataset's content (not of its order, which follows c.seed).
     # folder / metadata / shards / hf only:
-    c.data.path = ""  # The folder, the metadata file, the shards folder, or the dataset.
+    c.data.path = ""  # The folder, the metadata file (or its folder), the shards folder, or the dataset.
     c.data.hf_split = "train"  # hf: the split.
     c.data.image_column = "image"  # hf: column of the images.
     c.data.caption_column = "text"  # hf: column of the captions.

@@ -232,7 +232,7 @@ def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
         except ValueError as e:
             raise ConfigError(f"config.data.heldout_fraction = {d.heldout_fraction!r}: {e}") from None
     else:
-        what = {"folder": "folder of images and .txt captions", "metadata": "metadata.jsonl/.csv file",
+        what = {"folder": "folder of images and .txt captions", "metadata": "metadata.jsonl/.csv file or its folder",
                 "shards": "folder written by jaxcond shards",
                 "hf": "datasets folder (save_to_disk) or hub id"}[d.source]
         _check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the {what}")

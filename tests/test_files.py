@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import struct
 import zlib
 
@@ -152,6 +153,13 @@ def test_metadata_jsonl_and_csv(tmp_path):
     assert report.counts["skipped: no caption"] == 1
     (tmp_path / "metadata.csv").write_text("file_name,text\na.png,hello\n")
     assert files.scan_metadata(str(tmp_path / "metadata.csv"), files.Report())[0].caption == "hello"
+    with pytest.raises(files.DataError, match=r"is a folder with both metadata.jsonl and metadata.csv; pass the "):
+        files.scan_metadata(str(tmp_path), files.Report())  # which one is meant?
+    os.remove(tmp_path / "metadata.jsonl")
+    assert files.scan_metadata(str(tmp_path), files.Report())[0].path == str(tmp_path / "a.png")  # imagefolder
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(files.DataError, match=r"is a folder with neither metadata.jsonl nor metadata.csv"):
+        files.scan_metadata(str(tmp_path / "sub"), files.Report())
     (tmp_path / "bad.jsonl").write_text('{"text": "no file"}\n')
     with pytest.raises(files.DataError, match="no 'file_name'"):
         files.scan_metadata(str(tmp_path / "bad.jsonl"), files.Report())

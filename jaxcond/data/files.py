@@ -136,7 +136,16 @@ def _repeats(relative_dir: str) -> int:
 
 def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
                   empty_caption: str = "keep") -> list[Record]:
-    """Rows of a metadata.jsonl or .csv with `file_name` (relative to its folder) and `text`."""
+    """Rows of a metadata.jsonl or .csv with `file_name` (relative to its folder) and `text`;
+    `path` may also be the folder holding it (Hugging Face imagefolder's layout)."""
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in ("metadata.jsonl", "metadata.csv")
+                 if os.path.isfile(os.path.join(path, n))]
+        if len(found) != 1:
+            raise DataError(f"{path!r} is a folder with {'both' if found else 'neither'} metadata.jsonl "
+                            f"{'and' if found else 'nor'} metadata.csv; pass the metadata file itself (or "
+                            "data.source=folder for images with .txt captions)")
+        path = found[0]
     base = os.path.dirname(path)
     rows = list(_metadata_rows(path))
     records = []
