@@ -50,6 +50,7 @@ def corpus(tmp_path_factory):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     save("exif.jpg", Image.fromarray(np.zeros((20, 40, 3), np.uint8)), exif=exif)
     save("small.png", Image.new("RGB", (8, 8), (0, 255, 0)))
+    save("banner.png", Image.new("RGB", (3000, 3), (0, 0, 255)))  # cover-resized: 16000 x 16 for a sliver
     save("nocaption.png", rgb, caption=None)
     save("empty.png", rgb, caption="  \n")
     save("latin1.png", rgb, caption="caf\xe9 au lait".encode("cp1252"))
@@ -85,6 +86,7 @@ def test_every_bad_input_gets_its_treatment(corpus):
     assert c["skipped: zero-byte file"] == 1
     assert c["skipped: not a readable image (corrupt, truncated or not an image)"] == 2
     assert c["skipped: over 64000000 pixels"] == 1
+    assert report.examples[f"skipped: aspect ratio over 8x off that of {SIZE}x{SIZE}"] == [str(corpus / "banner.png")]
     assert c["caption decoded as cp1252 (not UTF-8)"] == 1
     assert c["caption decoded as UTF-16"] == 1
     assert c["converted: CMYK to RGB"] == 1 and c["converted: P to RGB"] == 1

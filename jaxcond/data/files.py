@@ -15,6 +15,7 @@ printed before training; nothing is dropped silently and nothing crashes mid-epo
 | EXIF orientation | applied (rotated upright), counted |
 | smaller than the training size | upscaled (counted), or skipped with `too_small="skip"` |
 | more than `max_pixels` pixels | skipped (counted): likely a decompression bomb or a mistake |
+| aspect ratio over 8x off the bucket's (a banner, a 1-pixel line) | skipped (counted): the crop would keep under 1/8 of it |
 | metadata row naming a file that does not exist | skipped (counted) |
 | metadata file not in UTF-8, or a JSON line that is not an object | refused, naming the line |
 | caption longer than the text encoder's tokens | kept whole, counted (`pipeline.FileData`, with the model's tokenizer) |
@@ -35,6 +36,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+#: Images whose cover-resize would be over this many times the training size (its aspect
+#: ratio that far from the bucket's) are skipped: the crop would keep under 1/8 of them.
+MAX_OVERHANG = 8
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -227,14 +231,17 @@ def decode(path: str, size: int | tuple[int, int], report: Report, *, crop: str 
         return None
     img = _to_rgb(img, path, report)
     w, h = img.size
+    # Scale so the image just covers th x tw, then crop the overhang.
+    scale = max(th / h, tw / w)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    if rw * rh > MAX_OVERHANG * tw * th:  # a banner or a 1-pixel line: the crop would be a sliver of it,
+        report.add(f"skipped: aspect ratio over {MAX_OVERHANG}x off that of {th}x{tw}", path)  # the resize huge
+        return None
     if h < th or w < tw:
         if too_small == "skip":
             report.add(f"skipped: smaller than {th}x{tw}", path)
             return None
         report.add(f"upscaled: smaller than {th}x{tw}", path)
-    # Scale so the image just covers th x tw, then crop the overhang.
-    scale = max(th / h, tw / w)
-    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     img = img.resize((rw, rh), Image.Resampling.LANCZOS)
     if crop == "random":
         rng = rng if rng is not None else np.random.default_rng(0)
