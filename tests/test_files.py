@@ -102,6 +102,15 @@ def test_every_bad_input_gets_its_treatment(corpus):
     assert "skipped: zero-byte file" in table and "zero.png" in table
 
 
+def test_a_list_of_buckets_decodes_into_the_nearest(corpus):
+    report = files.Report()
+    wide = files.decode(str(corpus / "banner.png"), [(16, 16), (16, 15000), (16, 24)], report)
+    assert wide.pixels.shape == (16, 15000, 3)  # kept: it has a bucket of its shape
+    assert report.counts == {"upscaled: smaller than 16x15000": 1}  # (3 pixels tall)
+    ok = files.decode(str(corpus / "ok.png"), [(16, 16), (16, 15000), (16, 24)], report)
+    assert ok.pixels.shape == (16, 24, 3) and ok.original_size == (40, 64)
+
+
 def test_conversions_give_the_right_pixels(corpus):
     _, decoded, _ = _decode_all(corpus)
     assert (decoded["rgba.png"].pixels == 255).all()  # transparent -> white, not black or blue

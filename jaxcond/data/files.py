@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -203,14 +203,19 @@ class Decoded:
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
 
 
-def decode(path: str, size: int | tuple[int, int], report: Report, *, crop: str = "center",
-           flip: bool = False, rng: np.random.Generator | None = None, too_small: str = "upscale",
-           max_pixels: int = 64_000_000, data: bytes | None = None) -> Decoded | None:
+def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
+    """The bucket whose aspect ratio is nearest (in log ratio) the image's."""
+    return int(np.argmin(np.abs(np.log([h / w for h, w in shapes]) - np.log(height / width))))
+
+
+def decode(path: str, size: int | tuple[int, int] | list[tuple[int, int]], report: Report, *,
+           crop: str = "center", flip: bool = False, rng: np.random.Generator | None = None,
+           too_small: str = "upscale", max_pixels: int = 64_000_000, data: bytes | None = None) -> Decoded | None:
     """The image at `path` (or its encoded bytes `data`, `path` then only names it) as RGB
-    uint8 [height, width, 3] (`size` = side or (height, width)), resized to cover that
-    shape and cropped; or None (counted in `report`). `flip` mirrors it horizontally (the
-    caller draws it, like the random crop, from its own rng)."""
-    th, tw = (size, size) if isinstance(size, int) else size
+    uint8 [height, width, 3], resized to cover `size` and cropped; or None (counted in
+    `report`). `size` is a side, a (height, width), or a list of buckets' (height, width),
+    of which the one nearest the image's aspect ratio is used (what training will use).
+    `flip` mirrors it horizontally (the caller draws it, like the random crop, from its own rng)."""
     if (len(data) if data is not None else os.path.getsize(path)) == 0:
         report.add("skipped: zero-byte file", path)
         return None
@@ -231,6 +236,9 @@ def decode(path: str, size: int | tuple[int, int], report: Report, *, crop: str 
         return None
     img = _to_rgb(img, path, report)
     w, h = img.size
+    if isinstance(size, list):
+        size = size[nearest_bucket(size, h, w)]
+    th, tw = (size, size) if isinstance(size, int) else size
     # Scale so the image just covers th x tw, then crop the overhang.
     scale = max(th / h, tw / w)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))

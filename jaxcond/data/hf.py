@@ -53,7 +53,7 @@ class HFData(pipeline.FileData):
             if caption is None:
                 continue
             image = row[d.image_column] or {}
-            dec = files.decode(name, self.bucket_shapes[0], self.report, too_small=d.too_small,
+            dec = files.decode(name, list(self.bucket_shapes), self.report, too_small=d.too_small,
                                data=image.get("bytes") or b"")
             if dec is not None:
                 kept.append(files.Record(len(kept), name, caption))

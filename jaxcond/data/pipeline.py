@@ -143,11 +143,6 @@ class DemoData(DemoEval, Data):
                 "time_ids": np.tile(time_ids, (len(ids), 1))}
 
 
-def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
-    """The bucket whose aspect ratio is nearest (in log ratio) the image's."""
-    return int(np.argmin(np.abs(np.log([h / w for h, w in shapes]) - np.log(height / width))))
-
-
 class FileData(Data):
     """Images and captions from files, checked once at start (see jaxcond.data.files)."""
 
@@ -163,7 +158,7 @@ class FileData(Data):
         self.records, self.sizes = self._load(cfg)
         if family is not None:
             self._count_overlong()
-        self.buckets = tuple(nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
+        self.buckets = tuple(files.nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
         self.num_records = len(self.records)
         counts = np.bincount(np.array(self.buckets, int), minlength=len(self.bucket_shapes))
         log.info("data: %d images from %s\n%s\n  buckets (h x w: images, full batches/epoch): %s",
@@ -193,7 +188,7 @@ class FileData(Data):
             records = files.scan_metadata(d.path, self.report, **policy)
 
         def check(r: files.Record) -> files.Decoded | None:
-            return files.decode(r.path, self.bucket_shapes[0], self.report, too_small=d.too_small)
+            return files.decode(r.path, list(self.bucket_shapes), self.report, too_small=d.too_small)
 
         kept, sizes = [], []
         with ThreadPoolExecutor(max(1, cfg.loader.workers)) as pool:
