@@ -61,12 +61,12 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise ConfigError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
                           "choose a new or empty folder")
-    make_output_dir(out, "--out")
     t = train.load_trained(workdir, step)
     params = jax.device_get(t.params(weights))
     if single_file and not t.family.latent:
         raise ConfigError("--single_file: the original single-file layout holds a VAE, and this model is "
                           "pixel-space; export without --single_file")
+    make_output_dir(out, "--out")  # after the checks above, so a refused export leaves no folder
     t.family.save(out, params["model"])
     name = None
     if single_file:
