@@ -23,6 +23,8 @@ from typing import Any
 
 import jax
 
+from jaxcond.config import ConfigError, make_output_dir
+
 log = logging.getLogger("jaxcond")
 
 # XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10. With one CPU device in the
@@ -119,13 +121,10 @@ def compilation_cache(directory: str) -> str | None:
                          "--compilation_cache= to turn the cache off")
     path = os.path.abspath(os.path.expanduser(directory))
     try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(f"{path} is not writable")
-    except OSError as e:
-        log.warning("no compilation cache (--compilation_cache %s: %s); compiling every program "
-                    "afresh. Pass a writable directory, or --compilation_cache= to turn it off.",
-                    directory, e)
+        make_output_dir(path, "the folder")
+    except ConfigError as e:
+        log.warning("no compilation cache (--compilation_cache %s: %s); compiling every program afresh. "
+                    "Pass a writable directory, or --compilation_cache= to turn it off.", directory, e)
         return None
     jax.config.update("jax_compilation_cache_dir", path)
     return path
