@@ -1,7 +1,7 @@
 """Fine-tune Stable Diffusion 1.5 on your own images with 10% caption dropout.
 
-Everything not set here is configs/demo.py's field (and comment). Data: a folder of
-images with same-named .txt captions (or set data.source, see demo.py). The weights come
+Everything not set here is configs/base.py's field (and comment). Data: a folder of
+images with same-named .txt captions (or set data.source, see base.py). The weights come
 from the hub id below when online, or from a local diffusers-format folder
 (Flax or PyTorch .safetensors weights).
 
@@ -16,7 +16,8 @@ from jaxcond.config import from_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = from_file(os.path.join(os.path.dirname(__file__), "demo.py"))
+    c = from_file(os.path.join(os.path.dirname(__file__), "base.py"))
+    c.model.family = "unet_clip"  # diffusers UNet + CLIP text encoder(s): SD 1.x/2.x and SDXL.
     c.model.source = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     c.model.clip_skip = 1  # 2 for checkpoints trained on the penultimate layer (anime models).
 

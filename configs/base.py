@@ -1,0 +1,164 @@
+"""The schema every config builds on: every field jaxcond reads, its default and what it accepts.
+
+Not a runnable config by itself: it names no data (data.path is empty) and no weights
+(model.source is empty). A config file builds on it and sets only what differs:
+
+    import os
+
+    from jaxcond.config import from_file
+
+    def get_config():
+        c = from_file(os.path.join(os.path.dirname(__file__), "base.py"))
+        c.model.source = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        c.data.path = "/data/images"
+        return c
+
+(configs/demo.py and configs/sd15.py do this; sd21.py and sdxl.py build on sd15.py the
+same way.) Any field can then be overridden on the command line, named by its path:
+
+    jaxcond train --config configs/sd15.py --workdir runs/sd15 --config.train.steps=300
+
+The training defaults (optimizer, steps, batch, schedule) are the built-in demo's, a tiny
+model trained from scratch; fine-tuning configs such as sd15.py set their own.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Everything random in the run (masks, noise, timesteps, data order) descends from this;
+    # an integer in [0, 2**31).
+    c.seed = 0
+
+    # --- Model -------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # Names the model family module: demo | unet_clip (Stable Diffusion 1.x/2.x, SDXL) | a
+    # dotted module path defining FAMILY, see jaxcond/models/registry.py.
+    c.model.family = "unet_clip"
+    # The weights: a diffusers-format folder (Flax or PyTorch .safetensors weights), a hub id
+    # when online, or a single-file .safetensors (with model.base).
+    c.model.source = ""
+    # For a single-file source (an original-layout SD 1.x/SDXL .safetensors): a diffusers
+    # folder or hub id of its family, read for its configs and tokenizers only; "" otherwise.
+    c.model.base = ""
+    # Text-encoder layer conditioning the UNet: 1 = last, 2 = penultimate (SD's "clip skip"); >= 1.
+    c.model.clip_skip = 1
+    # Fine-tune the text encoder(s) with the UNet (the `empty` null then follows them): True | False.
+    c.model.train_text_encoder = False
+
+    # --- Data --------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    # demo: the procedural shapes (jaxcond.data.demo) | folder: images with same-named .txt
+    # captions | metadata: a metadata.jsonl/.csv with file_name and text columns | shards:
+    # ArrayRecord shards written by `jaxcond shards` (jaxcond.data.shards) | hf: a Hugging
+    # Face datasets folder (save_to_disk) or hub id (needs the hf extra).
+    c.data.source = "folder"
+    c.data.resolution = 16  # Image side in pixels (demo: 16 or 32); square if no buckets.
+    # demo only:
+    c.data.num_records = 20000  # Images in the training set; an epoch is num_records // global_batch steps.
+    c.data.heldout_fraction = 0.1  # Share of (shape, colour, background) combinations never trained on.
+    c.data.seed = 0  # Seed of the dataset's content (not of its order, which follows c.seed).
+    # folder / metadata / shards / hf only:
+    c.data.path = ""  # The folder, the metadata file (or its folder), the shards folder, or the dataset.
+    c.data.hf_split = "train"  # hf: the split.
+    c.data.image_column = "image"  # hf: column of the images.
+    c.data.caption_column = "text"  # hf: column of the captions.
+    c.data.buckets = ()  # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square.
+    c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
+    c.data.flip = False  # Random horizontal flips (same determinism as the crop): True | False.
+    c.data.caption_extension = ".txt"  # folder: captions in <image stem><this>, e.g. .caption (kohya).
+    c.data.missing_caption = "skip"  # Image without caption: skip | empty (train it unconditionally).
+    c.data.empty_caption = "keep"  # Empty caption: keep (an unconditional example) | skip.
+    c.data.too_small = "upscale"  # Image smaller than its bucket: upscale | skip.
+    c.data.caption_shuffle = False  # Shuffle comma-separated tags (after keep_tokens) each epoch.
+    c.data.keep_tokens = 0  # Leading tags never shuffled or dropped; >= 0.
+    c.data.tag_dropout = 0.0  # Drop each other tag with this probability, in [0, 1] (not caption dropout).
+    c.data.eval_prompts = ()  # Prompts of the sample grids; () = the first training captions.
+    # A folder written by `jaxcond cache` (decoded images + text-encoder outputs); "" = none.
+    # Dropout still happens in the step; random crops/flips/caption augmentation can't be cached.
+    c.data.cache = ""
+
+    # --- Loader (how, not what: changing these never changes a batch) ------------------------
+    c.loader = ml_collections.ConfigDict()
+    c.loader.workers = 2  # Threads loading batches ahead (and checking images at start); >= 1.
+    c.loader.prefetch = 4  # Batches kept ready; >= 1.
+    c.loader.processes = 0  # Worker processes instead of threads for heavy decoding; 0 = none.
+
+    # --- Conditional dropout (the contract is in jaxcond/dropout.py) -------------------------
+    c.dropout = ml_collections.ConfigDict()
+    # Groups drop their members together; each group has its own rate and schedule.
+    c.dropout.groups = ml_collections.ConfigDict()
+    # The caption group: the text conditioners, dropped together for classifier-free guidance.
+    c.dropout.groups.caption = ml_collections.ConfigDict()
+    c.dropout.groups.caption.members = ("text", "pooled")  # Dropping text without pooled leaks the caption.
+    c.dropout.groups.caption.rate = 0.1  # Drop probability in [0, 1]; Ho & Salimans found 0.1-0.2 best.
+    c.dropout.groups.caption.schedule = "constant"  # constant | linear_warmup | every_n_epochs
+    c.dropout.groups.caption.warmup_steps = 0  # linear_warmup: steps from 0 to `rate`.
+    c.dropout.groups.caption.every_n_epochs = 0  # every_n_epochs: period n.
+    c.dropout.groups.caption.epoch_rate = 1.0  # every_n_epochs: rate in every n-th epoch.
+    # Null per conditioner: empty (encoded "") | zeros | learned (trainable, starts as empty).
+    c.dropout.nulls = ml_collections.ConfigDict()
+    c.dropout.nulls.text = "learned"  # The caption's per-token encoder output.
+    c.dropout.nulls.pooled = "learned"  # The pooled caption embedding.
+
+    # --- Diffusion objective -----------------------------------------------------------------
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_train_timesteps = 1000  # DDPM steps; >= 2.
+    c.diffusion.beta_schedule = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2
+    c.diffusion.beta_start = 0.0001  # linear/scaled_linear only.
+    c.diffusion.beta_end = 0.02  # linear/scaled_linear only.
+    # What the UNet predicts; fine-tuning keeps the pretrained model's.
+    c.diffusion.prediction_type = "v_prediction"  # epsilon | v_prediction
+    c.diffusion.snr_gamma = 5.0  # Min-SNR-gamma loss weighting; 0 turns it off.
+    c.diffusion.noise_offset = 0.0  # Per-channel offset noise scale; 0 turns it off.
+
+    # --- Optimizer ---------------------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-3  # Peak learning rate (AdamW); > 0.
+    c.optim.schedule = "cosine"  # cosine | constant (both after linear warm-up).
+    c.optim.warmup_steps = 100  # Linear learning-rate warm-up; >= 0.
+    c.optim.end_lr_fraction = 0.05  # cosine: final lr as a fraction of the peak, in [0, 1].
+    c.optim.weight_decay = 1e-4  # AdamW decoupled weight decay.
+    c.optim.b1 = 0.9  # Adam beta1, in [0, 1).
+    c.optim.b2 = 0.999  # Adam beta2, in [0, 1).
+    c.optim.eps = 1e-8  # Adam epsilon; > 0.
+    c.optim.grad_clip = 1.0  # Global-norm gradient clipping; 0 turns it off.
+    c.optim.ema_decay = 0.999  # EMA of the trainable params (sampling uses it), warmed up; 0 turns it off.
+
+    # --- Training ----------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 2000  # Optimizer updates in the whole run; >= 1.
+    c.train.global_batch = 32  # Examples per optimizer update, over all devices and hosts.
+    c.train.grad_accum = 1  # Micro-batches per update (global_batch must divide evenly).
+    c.train.param_dtype = "float32"  # Storage dtype of trainable params, optimizer state: float32 | bfloat16.
+    c.train.compute_dtype = "float32"  # float32 | bfloat16 (halves activation memory on TPU/GPU).
+    c.train.log_every = 25  # Steps between TensorBoard scalars; >= 1.
+    c.train.sample_every = 1000  # Steps between sample grids (0: only at the end).
+    # Updates with a non-finite loss or gradient are skipped (params, optimizer state and EMA
+    # unchanged) and counted; past this many the run checkpoints and stops. -1: never stop.
+    c.train.max_skipped_updates = 10
+
+    # --- Devices -----------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Data-parallel axis size; -1 takes all remaining devices.
+    c.mesh.fsdp = 1  # Parameter-sharding axis size (batch is also split over it); -1 as for data.
+    c.mesh.dcn_data = 1  # TPU slices the data axis spans (multi-slice); must divide mesh.data.
+    c.mesh.fsdp_min_size = 512  # Tensors with fewer elements stay replicated (not worth a gather).
+
+    # --- Checkpoints -------------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000  # Save interval; the last step is always saved.
+    c.checkpoint.keep = 3  # Newest checkpoints kept on disk; >= 1.
+    c.checkpoint.async_save = True  # Write in the background while training continues: True | False.
+
+    # --- Sampling (validation grids; dropout is never applied here) --------------------------
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_prompts = 12  # Held-out captions in the grid (rows).
+    c.sample.per_prompt = 5  # Samples per caption and guidance scale for the adherence numbers.
+    c.sample.guidance = (1.0, 3.0, 5.0)  # Classifier-free guidance scales (columns), each >= 0.
+    c.sample.steps = 25  # Sampler steps per image; >= 1.
+    c.sample.scheduler = "ddim"  # ddim | euler | euler_a (ancestral) | dpm++ (2M); see jaxcond/sampling.py.
+    c.sample.use_ema = True  # Sample with the EMA params: True | False.
+    c.sample.seed = 1234  # Sampling noise seed (independent of training).
+    return c
