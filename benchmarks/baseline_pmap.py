@@ -68,7 +68,7 @@ from flax.training import train_state  # noqa: E402
 
 from configs import demo  # noqa: E402
 from jaxcond import train  # noqa: E402
-from jaxcond.data import cache  # noqa: E402
+from jaxcond.data import sources  # noqa: E402
 from jaxcond.models.unet_clip import UNetCLIP  # noqa: E402
 from timing import Variant, interleave, print_table, ratio  # noqa: E402  (benchmarks/timing.py)
 
@@ -176,7 +176,9 @@ def main(args: argparse.Namespace, workdir: str) -> None:
     run = train.build(cfg, workdir, devices=devices)  # writes the demo model into workdir
     cached_cfg = copy.deepcopy(cfg)
     cached_cfg.data.cache = os.path.join(workdir, "cache")
-    cache.build(cached_cfg, run.family, cached_cfg.data.cache)
+    sources.build_cache(cached_cfg.data, cached_cfg.seed, cached_cfg.train.global_batch, run.family,
+                        cached_cfg.data.cache, workers=cached_cfg.loader.workers,
+                        train_text_encoder=cached_cfg.model.train_text_encoder)
     cached = train.build(cached_cfg, workdir, devices=devices)
 
     batches = [run.put_batch(i) for i in range(args.steps)]

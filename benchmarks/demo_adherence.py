@@ -1,10 +1,9 @@
-"""Does the demo learn to follow its captions, and does guidance help? (issue 2's bar)
+"""Does the demo learn to follow its captions, and does guidance help? Checked against a fixed bar.
 
 Trains configs/demo.py (2000 steps, 10-25 minutes on 2 CPU cores) and scores 60 samples of
 held-out captions (shape/colour/background combinations never seen in training) with
-the pixel-based reader in jaxcond.data.demo: unconditional (the learned null alone), and
-guidance 1, 3, 5. The bar is the one issue 2 set from an earlier prototype; exits 1 if
-any line misses it:
+the pixel-based reader in jaxcond.data.demo_score: unconditional (the learned null alone),
+and guidance 1, 3, 5, against this bar; exits 1 if any line misses it:
 
 * background colour right in 60/60 samples without guidance and at guidance 3,
 * shape colour right in >= 56/60 without guidance and 60/60 at guidance 3,
@@ -42,14 +41,14 @@ def demo_flags(workdir: str, workdir_help: str) -> tuple[ml_collections.ConfigDi
 def main() -> int:
     cfg, workdir = demo_flags("runs/demo_bench", "Run directory (resumed if it exists).")
     from jaxcond import xla
-    from jaxcond.data import demo as demo_data, pipeline
+    from jaxcond.data import demo as demo_data, demo_score, pipeline
     from jaxcond.train import eval_layout, train
 
     xla.cpu_runtime()  # as `jaxcond train` runs
     n = cfg.sample.num_prompts * cfg.sample.per_prompt
     result = train(cfg, workdir)
     scores = result["scores"]
-    columns, captions = eval_layout(cfg, pipeline.DemoEval(cfg))  # of the samples scored
+    columns, captions = eval_layout(cfg, pipeline.DemoEval(cfg.data))  # of the samples scored
     targets = [demo_data.parse_caption(c) for c in captions]
     ok = True
     for col, key, op, want in BAR:
@@ -58,7 +57,7 @@ def main() -> int:
         ok &= passed
         print(f"{'PASS' if passed else 'FAIL'} {col:>6} {key:<10} {round(got * n)}/{n} {op} {round(want * n)}/{n}")
         if not passed and result["samples"] is not None:
-            missed = demo_data.misses(result["samples"][columns.index(col)], targets, [key])
+            missed = demo_score.misses(result["samples"][columns.index(col)], targets, [key])
             for i, read in missed[:SHOW_MISSES]:
                 shape = f"{read.color} {read.shape}" if read.shape else "no shape"
                 print(f"         sample {i} {captions[i]!r}: read as {shape} on {read.background}")

@@ -1,4 +1,4 @@
-"""Caption dropout 0.1 vs 0: does classifier-free guidance need a trained null? (issue 6)
+"""Caption dropout 0.1 vs 0: does classifier-free guidance need a trained null?
 
 Trains configs/demo.py twice with the same seed: as shipped (caption dropout 0.1, learned
 null) and with every dropout group's rate set to 0, so the null is never trained. Masks,
@@ -9,10 +9,10 @@ differ. For each run it reports
 * caption adherence of the 60 held-out samples (12 captions of combinations never trained
   on, 5 samples each) unconditionally and at guidance 1, 3, 5: the fractions the run's own
   final evaluation returns (`train(...)["scores"]`, read from pixels by
-  `jaxcond.data.demo.adherence`);
+  `jaxcond.data.demo_score.adherence`);
 * the quality of 256 unconditional samples (guidance 0, the null alone) against training
   images, two simple deterministic statistics:
-  - valid: the fraction the pixel reader (`jaxcond.data.demo.classify`) reads as a shape on
+  - valid: the fraction the pixel reader (`jaxcond.data.demo_score.classify`) reads as a shape on
     a background with at least 90% of pixels within 48/255 (RGB distance) of the line from
     the read background colour to the read shape colour (a training image is clean colours
     and anti-aliased blends between them);
@@ -79,10 +79,10 @@ def with_rate(cfg: ml_collections.ConfigDict, rate: float) -> ml_collections.Con
 
 def valid_fraction(images: np.ndarray) -> float:
     """Share of uint8 [N, H, W, 3] images that read as a shape on a background (see module doc)."""
-    from jaxcond.data import demo as demo_data
+    from jaxcond.data import demo as demo_data, demo_score
 
     valid = []
-    for img, a in zip(images, demo_data.classify(images)):
+    for img, a in zip(images, demo_score.classify(images)):
         if not a.shape:
             valid.append(False)
             continue
@@ -121,7 +121,8 @@ def train_and_sample(cfg: ml_collections.ConfigDict, workdir: str, prompts: list
     """Trains one run; its held-out scores, grid samples [4, P, H, W, 3] and unconditional samples."""
     from jaxcond import xla
     from jaxcond.sampling import sample_grid
-    from jaxcond.train import load_trained, train
+    from jaxcond.rundir import load_trained
+    from jaxcond.train import train
 
     xla.cpu_runtime()  # as `jaxcond train` runs
     out = train(cfg, workdir, progress=progress)
@@ -160,13 +161,14 @@ def tables(results: dict[str, Any], n: int) -> str:
 def main() -> None:
     start, load_before = time.perf_counter(), os.getloadavg()
     base, workdir = demo_flags("runs/dropout_cfg", "Parent of one new run directory per rate.")
+    from jaxcond import grid
     from jaxcond.data import demo as demo_data, pipeline
 
     runs = {f"{rate:g}": os.path.join(workdir, f"rate{rate:g}") for rate in RATES}
     for d in runs.values():
         if os.path.exists(os.path.join(d, "checkpoints")):  # a resume would skip the evaluation
             raise SystemExit(f"{d} already holds a run; use a new --workdir")
-    prompts = list(pipeline.DemoEval(base).eval_captions(base.sample.num_prompts))  # evaluate()'s rows
+    prompts = list(pipeline.DemoEval(base.data).eval_captions(base.sample.num_prompts))  # evaluate()'s rows
     train_combos, _ = demo_data.split_combinations(base.data.heldout_fraction, base.data.seed)
     records, _ = demo_data.DemoDataset(REFERENCE_IMAGES + UNCOND_SAMPLES, base.data.resolution, base.data.seed,
                                        train_combos).materialize()
@@ -188,8 +190,8 @@ def main() -> None:
         samples.append(np.swapaxes(out["grid"], 0, 1))  # [P, 4, H, W, 3]
 
     tiles = np.concatenate(samples, axis=1)  # per caption: every column of the first rate, then the next
-    demo_data.save_grid(tiles.reshape((-1,) + tiles.shape[2:]), flags.FLAGS.out, nrow=tiles.shape[1],
-                        row_labels=prompts, col_labels=[f"p={r:g} {c}" for r in RATES for c in COLUMNS])
+    grid.save_grid(tiles.reshape((-1,) + tiles.shape[2:]), flags.FLAGS.out, nrow=tiles.shape[1],
+                   row_labels=prompts, col_labels=[f"p={r:g} {c}" for r in RATES for c in COLUMNS])
     n = base.sample.num_prompts * base.sample.per_prompt
     results["wall_s"] = time.perf_counter() - start
     results["load_before"], results["load_after"] = load_before, os.getloadavg()

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace, tmp: str) -> None:
 
     from configs import demo
     from jaxcond import sharding, train
-    from jaxcond.data import cache, pipeline
+    from jaxcond.data import pipeline, sources
 
     folder = os.path.join(tmp, "images")
     os.makedirs(folder)
@@ -83,8 +83,10 @@ def main(args: argparse.Namespace, tmp: str) -> None:
 
     files = loader_rate(run.data)
     cfg.data.cache = os.path.join(tmp, "cache")
-    cache.build(cfg, run.family, cfg.data.cache)
-    cached = loader_rate(pipeline.make_data(cfg, run.family))
+    sources.build_cache(cfg.data, cfg.seed, b, run.family, cfg.data.cache, workers=cfg.loader.workers,
+                        train_text_encoder=cfg.model.train_text_encoder)
+    cached = loader_rate(sources.make_data(cfg.data, cfg.seed, b, run.family, workers=cfg.loader.workers,
+                                           train_text_encoder=cfg.model.train_text_encoder))
     print(f"\n{args.images} JPEGs of {args.size}x{args.size} -> 16x16, global batch {b}, "
           f"{args.workers} loader threads, {args.steps} batches each")
     print(f"  step consumes  {step:9.0f} examples/s")

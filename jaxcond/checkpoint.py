@@ -26,6 +26,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcond.checks import int_at_least
+
 log = logging.getLogger("jaxcond")
 PARTIAL_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still being written
 
@@ -39,6 +41,12 @@ def partial_checkpoints(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         return []
     return sorted(n for n in os.listdir(directory) if PARTIAL_MARK in n)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks `config.checkpoint` (`c`)."""
+    int_at_least("checkpoint.every_steps", c.every_steps, 1)
+    int_at_least("checkpoint.keep", c.keep, 1)
 
 
 def _key(entry: Any) -> str:

@@ -17,7 +17,8 @@ USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.fie
 
 commands:
   train   train (or resume) in --workdir
-  masks   print the dropout masks of --steps A:B as JSON lines, without training
+  masks   print the dropout masks of --steps A:B as JSON lines, without training (on one device:
+          masks do not depend on the mesh, so config.mesh is not used)
   cache   precompute decoded images and text-encoder outputs into config.data.cache
   shards  write a folder/metadata source as ArrayRecord shards into --shards_out
   export  write run --workdir as a diffusers-format folder (Flax + PyTorch) into --out
@@ -40,7 +41,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 flags.DEFINE_alias("run", "workdir")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Resume even if the seed, dropout spec, data or batch changed.")
-_STEPS = flags.DEFINE_string("steps", None, "masks: half-open step range A:B (default 0:1); "
+_STEPS = flags.DEFINE_string("steps", None, "masks: half-open step range A:B, 0 <= A < B <= 2**31 (default 0:1); "
                              "sample: sampling steps (default 50).")
 _SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
 _OUT = flags.DEFINE_string("out", None, "export: output folder; sample: output PNG.")
@@ -73,6 +74,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 
+# Each command imports what it runs when it runs: `jaxcond` alone, or with a command that
+# fails its flag checks, answers without loading jax, flax and diffusers' model code.
 def _train() -> None:
     from jaxcond import distributed, xla
     from jaxcond.train import train
@@ -95,9 +98,9 @@ def _masks() -> None:
         a, b = (int(x) for x in (_STEPS.value or "0:1").split(":"))
     except ValueError:
         raise app.UsageError(f"--steps {_STEPS.value!r}: expected A:B, e.g. --steps 0:10") from None
-    if not 0 <= a < b:
-        raise app.UsageError(f"--steps {_STEPS.value!r}: expected 0 <= A < B (steps A to B-1), "
-                             "e.g. --steps 0:10")
+    if not 0 <= a < b <= 2**31:
+        raise app.UsageError(f"--steps {_STEPS.value!r}: expected 0 <= A < B <= 2**31 (steps A to B-1; "
+                             "a step is an integer below 2**31), e.g. --steps 0:10")
     try:
         for rec in mask_records(_CONFIG.value, range(a, b)):
             print(json.dumps(rec), flush=True)
@@ -107,25 +110,27 @@ def _masks() -> None:
 
 def _cache() -> None:
     from jaxcond import xla
-    from jaxcond.data import cache
-    from jaxcond.train import load_family
+    from jaxcond.data import sources
+    from jaxcond.rundir import load_family
 
     cfg = _CONFIG.value
     if not cfg.data.cache:
         raise app.UsageError("cache needs --config.data.cache=DIR (where the cache goes)")
-    if not _WORKDIR.value and cfg.model.source == "demo":
-        raise app.UsageError("cache with model.source=demo needs --workdir (where the demo model is)")
     xla.cpu_runtime()
-    m = cache.build(cfg, load_family(cfg, _WORKDIR.value or ""), cfg.data.cache)
+    m = sources.build_cache(cfg.data, cfg.seed, cfg.train.global_batch, load_family(cfg, _WORKDIR.value or ""),
+                            cfg.data.cache, workers=cfg.loader.workers,
+                            train_text_encoder=cfg.model.train_text_encoder)
     print(f"cache of {len(m['records'])} records in {cfg.data.cache}: {', '.join(m['fields'])}")
 
 
 def _shards() -> None:
-    from jaxcond.data import shards
+    from jaxcond.data import sources
 
     if not _SHARDS_OUT.value:
         raise app.UsageError("shards needs --shards_out DIR (where the shards go)")
-    index = shards.write(_CONFIG.value, _SHARDS_OUT.value, _NUM_SHARDS.value)
+    cfg = _CONFIG.value
+    index = sources.write_shards(cfg.data, cfg.seed, cfg.train.global_batch, _SHARDS_OUT.value, _NUM_SHARDS.value,
+                                 workers=cfg.loader.workers)
     print(f"{len(index['sizes'])} records in {len(index['shards'])} shards in {_SHARDS_OUT.value}; "
           f"train with --config.data.source=shards --config.data.path={_SHARDS_OUT.value}")
 
@@ -142,7 +147,7 @@ def _export() -> None:
 
 def _sample() -> None:
     from jaxcond import xla
-    from jaxcond.generate import generate
+    from jaxcond.sample import sample
 
     if not _WORKDIR.value:
         raise app.UsageError("sample needs --run DIR (a trained run)")
@@ -156,7 +161,7 @@ def _sample() -> None:
         raise app.UsageError(f"sample: --guidance {','.join(_GUIDANCE.value)!r} must be numbers, "
                              "e.g. --guidance 1,3,7") from None
     xla.cpu_runtime()
-    path = generate(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
+    path = sample(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
                     step=_STEP.value, out=_OUT.value)
     print(f"samples: {path}")
@@ -189,7 +194,7 @@ def _main(argv: list[str], command: str) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     from jaxcond.checkpoint import CheckpointError
-    from jaxcond.config import ConfigError
+    from jaxcond.checks import ConfigError
     from jaxcond.data.files import DataError
     from jaxcond.models.convert import WeightsMismatch
     from jaxcond.train import NonFiniteError

@@ -10,7 +10,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from jaxcond.checks import check, int_at_least, one_of
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -40,6 +43,15 @@ class Schedule:
         else:
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; use one of {BETA_SCHEDULES}")
         return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def validate(d: ml_collections.ConfigDict) -> None:
+    """Checks `config.diffusion` (`d`)."""
+    int_at_least("diffusion.num_train_timesteps", d.num_train_timesteps, 2)
+    one_of("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES)
+    one_of("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES)
+    check(d.snr_gamma >= 0, "diffusion.snr_gamma", d.snr_gamma, "must be >= 0 (0 turns it off)")
+    check(d.noise_offset >= 0, "diffusion.noise_offset", d.noise_offset, "must be >= 0")
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:

@@ -24,6 +24,11 @@ log = logging.getLogger("jaxcond")
 MODES = ("auto", "on", "off")
 
 
+def is_main_process() -> bool:
+    """Process 0 alone writes logs, samples and files; every process trains and checkpoints."""
+    return jax.process_index() == 0
+
+
 def _announced_processes() -> str | None:
     """Why the environment looks like a multi-process job, or None."""
     env = os.environ

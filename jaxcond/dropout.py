@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxcond import rng
+from jaxcond.checks import check, in_unit_interval, int_at_least, one_of
 
 NULL_KINDS = ("empty", "zeros", "learned")
 SCHEDULES = ("constant", "linear_warmup", "every_n_epochs")
@@ -61,6 +63,51 @@ class Group:
 def group_id(name: str) -> int:
     """A stable id from the name alone, so config order never matters."""
     return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def groups_from_config(d: ml_collections.ConfigDict, conditioners: Iterable[str] | None = None,
+                       data_conditioners: Iterable[str] = ()) -> list[Group]:
+    """The groups of `config.dropout` (`d`), checked; conditioner names too when given
+    (`data_conditioners`: those the data supplies, which have no `empty` encoding)."""
+    groups, owner, ids = [], {}, {}
+    for name, g in d.groups.items():
+        f = f"dropout.groups.{name}"
+        in_unit_interval(f"{f}.rate", g.rate)
+        one_of(f"{f}.schedule", g.schedule, SCHEDULES)
+        if g.schedule == "linear_warmup":
+            int_at_least(f"{f}.warmup_steps", g.warmup_steps, 1)
+        if g.schedule == "every_n_epochs":
+            int_at_least(f"{f}.every_n_epochs", g.every_n_epochs, 1)
+            in_unit_interval(f"{f}.epoch_rate", g.epoch_rate)
+        # Two names with one CRC-32 would draw the same key, hence identical masks.
+        check(group_id(name) not in ids, "dropout.groups", sorted(d.groups),
+              f"groups {ids.get(group_id(name))!r} and {name!r} have the same id (CRC-32 of the name), "
+              "so they would drop the same examples; rename one of them")
+        ids[group_id(name)] = name
+        members = tuple(g.members)
+        check(len(members) > 0, f"{f}.members", g.members, "must name at least one conditioner")
+        for m in members:
+            check(m not in owner, f"{f}.members", g.members,
+                  f"{m!r} is already in group {owner.get(m)!r}; a conditioner belongs to one group")
+            owner[m] = name
+            check(m in d.nulls, f"{f}.members", g.members,
+                  f"{m!r} has no null: add config.dropout.nulls.{m} = 'empty' | 'zeros' | 'learned'")
+        groups.append(Group(name=name, members=members, rate=float(g.rate), schedule=g.schedule,
+                            warmup_steps=int(g.warmup_steps), every_n_epochs=int(g.every_n_epochs),
+                            epoch_rate=float(g.epoch_rate)))
+    for m, kind in d.nulls.items():
+        one_of(f"dropout.nulls.{m}", kind, NULL_KINDS)
+    if conditioners is not None:
+        known = tuple(conditioners)
+        for m in owner:
+            check(m in known, f"dropout.groups.{owner[m]}.members", m, f"unknown conditioner; this model has {known}")
+        for m in d.nulls:
+            check(m in known, f"dropout.nulls.{m}", d.nulls[m],
+                  f"{m!r} is not a conditioner of this model; it has {known}")
+            check(m not in data_conditioners or d.nulls[m] != "empty", f"dropout.nulls.{m}",
+                  "empty", f"{m!r} comes from the data, not the caption, so it has no empty-caption "
+                  "encoding; use 'zeros' or 'learned'")
+    return groups
 
 
 def group_rate(group: Group, step: jax.Array | int, steps_per_epoch: int) -> jax.Array:

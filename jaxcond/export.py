@@ -15,10 +15,10 @@ import os
 
 import jax
 
-from jaxcond import train
-from jaxcond.config import ConfigError, make_output_dir
+from jaxcond import rundir
+from jaxcond.checks import ConfigError
 from jaxcond.models import convert
-from jaxcond.models.family import Family
+from jaxcond.outputs import make_output_dir
 
 MANIFEST = "jaxcond.json"
 _DIFFUSERS_VERSION = "0.39.0"
@@ -35,25 +35,6 @@ def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
             "clip_sample_range": 1.0}
 
 
-def _model_index(family: Family, force_zeros: bool) -> dict | None:
-    """A Stable Diffusion (XL) pipeline index; a pixel-space model has no diffusers pipeline."""
-    if not family.latent:
-        return None
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
-    if "text_2" in family.conditioners:
-        index.update({"_class_name": "StableDiffusionXLPipeline",
-                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                      "force_zeros_for_empty_prompt": force_zeros})
-    else:
-        index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
-                      "requires_safety_checker": False})
-    return index
-
-
 def export(workdir: str, out: str, weights: str = "ema", step: int | None = None,
            single_file: bool = False) -> dict:
     """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest.
@@ -61,11 +42,11 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise ConfigError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
                           "choose a new or empty folder")
-    t = train.load_trained(workdir, step)
+    t = rundir.load_trained(workdir, step)
     params = jax.device_get(t.params(weights))
-    if single_file and not t.family.latent:
-        raise ConfigError("--single_file: the original single-file layout holds a VAE, and this model is "
-                          "pixel-space; export without --single_file")
+    refusal = t.family.single_file_refusal() if single_file else None
+    if refusal:
+        raise ConfigError(f"--single_file: {refusal}")
     make_output_dir(out, "--out")  # after the checks above, so a refused export leaves no folder
     t.family.save(out, params["model"])
     name = None
@@ -75,7 +56,7 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     nulls = dict(t.spec.nulls)
     if params["nulls"]:
         convert.write_safetensors(os.path.join(out, "nulls.safetensors"), params["nulls"])
-    text_nulls = [nulls[c] for c in nulls if c != "time_ids"]
+    text_nulls = [nulls[c] for c in nulls if c not in t.family.batch_conditioners]
     manifest = {
         "exported_from": os.path.abspath(workdir), "step": t.step, "weights": weights,
         "conditioners": {k: list(v) for k, v in t.family.conditioners.items()},
@@ -87,7 +68,7 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
         "learned_nulls_file": "nulls.safetensors" if params["nulls"] else None,
         # diffusers' SDXL pipelines zero the unconditional embeddings when this is set.
         "force_zeros_for_empty_prompt": bool(text_nulls) and all(k == "zeros" for k in text_nulls),
-        "clip_skip": t.cfg.model.clip_skip,
+        **t.family.export_manifest(),
         "single_file": name,
         "prediction_type": t.cfg.diffusion.prediction_type,
     }
@@ -96,7 +77,7 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
     with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(scheduler_config(t.cfg.diffusion.to_dict(), clip_sample=not t.family.latent), f, indent=2)
-    index = _model_index(t.family, manifest["force_zeros_for_empty_prompt"])
+    index = t.family.pipeline_index(manifest["force_zeros_for_empty_prompt"])
     if index is not None:
         with open(os.path.join(out, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)

@@ -22,6 +22,9 @@ from collections.abc import Iterator
 import jax
 
 PRNG_IMPL = "threefry2x32"
+# Seeds and steps are int32 in the step (its counter) and in the key derivation: both
+# lie in [0, LIMIT).
+LIMIT = 2**31
 THREEFRY_PARTITIONABLE = True  # Bits are then independent of sharding (see README).
 
 # Sub-stream ids. Append new ones; never renumber (that would change old runs' bits).

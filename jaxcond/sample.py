@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxcond import train
-from jaxcond.config import ConfigError, make_output_dir
-from jaxcond.data import demo as demo_data
+from jaxcond import grid, rundir
+from jaxcond.checks import ConfigError
+from jaxcond.outputs import make_output_dir
 from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
 
-def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
+def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
              seed: int = 0, scheduler: str = "ddim", negative: str | None = None, weights: str = "ema",
              step: int | None = None, out: str | None = None) -> str:
     """Writes the grid of `prompts` (rows) x `guidance` (columns); returns its path."""
@@ -31,7 +31,7 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
     if out is not None and not out.lower().endswith(".png"):
         raise ConfigError(f"--out {out}: the grid is written as a PNG; give a path ending in .png")
-    t = train.load_trained(workdir, step)
+    t = rundir.load_trained(workdir, step)
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")
@@ -39,6 +39,6 @@ def generate(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *,
     make_output_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")  # before sampling
     images = sample_grid(t.family, t.spec, t.params(weights), t.family.frozen, list(prompts), list(guidance),
                          seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
-    demo_data.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
-                        row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])
+    grid.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
+                   row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])
     return out

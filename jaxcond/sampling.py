@@ -32,16 +32,28 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxcond import diffusion, dropout, rng, sharding, xla
+from jaxcond.checks import check, int_at_least, one_of
 from jaxcond.models.family import Family, Params
 from jaxcond.train_step import StepSpec, empty_conditioning
 
 log = logging.getLogger("jaxcond")
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++")
+
+
+def validate(s: ml_collections.ConfigDict) -> None:
+    """Checks `config.sample` (`s`): the validation grids' settings."""
+    int_at_least("sample.num_prompts", s.num_prompts, 1)
+    int_at_least("sample.per_prompt", s.per_prompt, 1)
+    int_at_least("sample.steps", s.steps, 1)
+    check(len(s.guidance) > 0 and all(g >= 0 for g in s.guidance), "sample.guidance", s.guidance,
+          "one or more scales, each >= 0")
+    one_of("sample.scheduler", s.scheduler, SCHEDULERS)
 
 
 def unconditional(family: Family, spec: StepSpec, params: Params, frozen: Params,

@@ -13,17 +13,63 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxcond.checks import ConfigError, check, int_at_least
 
 AXES = ("data", "fsdp")
 BATCH = P(AXES)
 
 
+def mesh_shape(m: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Axis sizes of `config.mesh` (`m`) with the one -1 filled in; checked against the
+    device count."""
+    sizes = {"data": m.data, "fsdp": m.fsdp}
+    free = [k for k, v in sizes.items() if v == -1]
+    check(len(free) <= 1, "mesh", dict(sizes), "at most one axis may be -1")
+    for k, v in sizes.items():
+        check(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{k}", v, "must be -1 or >= 1")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+        check(num_devices % fixed == 0, f"mesh.{free[0]}", -1,
+              f"the other axes use {fixed} devices, which does not divide the {num_devices} available")
+        sizes[free[0]] = num_devices // fixed
+    total = sizes["data"] * sizes["fsdp"]
+    check(total == num_devices, "mesh", dict(sizes),
+          f"axis sizes multiply to {total} but {num_devices} devices are available")
+    return sizes
+
+
+def validate(m: ml_collections.ConfigDict, num_devices: int | None, global_batch: int, grad_accum: int) -> None:
+    """Checks `config.mesh` (`m`), and with `num_devices` that the mesh fits them and the batch."""
+    int_at_least("mesh.dcn_data", m.dcn_data, 1)
+    int_at_least("mesh.fsdp_min_size", m.fsdp_min_size, 1)
+    if num_devices is None:
+        return
+    sizes = mesh_shape(m, num_devices)
+    shards = sizes["data"] * sizes["fsdp"]
+    check(sizes["data"] % m.dcn_data == 0, "mesh.dcn_data", m.dcn_data,
+          f"must divide the data axis ({sizes['data']}): each slice holds an equal part of it")
+    micro = global_batch // grad_accum
+    check(micro % shards == 0, "train.global_batch", global_batch,
+          f"each micro-batch ({micro} = global_batch / grad_accum) must split evenly over the "
+          f"{shards} devices of the mesh (data x fsdp); use a multiple of {shards * grad_accum}")
+
+
+def check_slices(dcn_data: int, devices: list) -> None:
+    """Multi-slice meshes need TPU slices."""
+    if dcn_data > 1 and getattr(devices[0], "slice_index", None) is None:
+        raise ConfigError(
+            f"config.mesh.dcn_data = {dcn_data}: these {devices[0].platform} devices are "
+            "not TPU slices (no slice_index); use 1 unless the run spans several TPU slices")
+
+
 def make_mesh(shape: Mapping[str, int], devices: list | None = None,
               dcn_data: int = 1) -> Mesh:
-    """A mesh with the given axis sizes (as returned by config.mesh_shape).
+    """A mesh with the given axis sizes (as returned by `mesh_shape`).
 
     `dcn_data` > 1 splits the data axis over that many TPU slices (multi-slice): a hybrid
     mesh keeps fsdp traffic on the fast in-slice interconnect and only data-parallel

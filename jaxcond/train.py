@@ -14,52 +14,31 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import tqdm
-from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost as ocp_multihost
-from PIL import Image
 
-from jaxcond import checkpoint, config as config_lib, masks as masks_lib, preemption, sharding, xla
+from jaxcond import checkpoint, config as config_lib, dropout, grid, preemption, sharding, xla
 from jaxcond import train_step as ts
-from jaxcond.data import demo as demo_data, pipeline
-from jaxcond.models import demo as demo_model
+from jaxcond.checks import ConfigError
+from jaxcond.data import pipeline, sources
+from jaxcond.distributed import is_main_process
 from jaxcond.models.family import Family
-from jaxcond.models.unet_clip import UNetCLIP
+from jaxcond.outputs import make_output_dir
+from jaxcond.rundir import load_family
+from jaxcond.runlog import RunLog
 from jaxcond.sampling import sample_grid, warn_overlong
 
 log = logging.getLogger("jaxcond")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPILE_WAIT_MS = 30 * 60 * 1000  # how long hosts wait for the slowest one's step compile
 # A barrier id serves once; every process passes the same barriers in the same order.
 _BARRIER_IDS = itertools.count()
-
-
-def is_main_process() -> bool:
-    """Process 0 alone writes logs, samples and files; every process trains and checkpoints."""
-    return jax.process_index() == 0
-
-
-def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
-    """The model named by config.model.source (a folder or hub id); "demo" builds the tiny
-    one once per workdir."""
-    path = cfg.model.source
-    if path == "demo":
-        path = os.path.join(workdir, "base_model")
-        if is_main_process() and not os.path.isdir(os.path.join(path, "unet")):
-            demo_model.build(path, cfg.model.demo, cfg.data.resolution, cfg.model.demo.init_seed)
-        if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
-            multihost_utils.sync_global_devices("jaxcond: demo model built")
-    return UNetCLIP(path, dtype=DTYPES[cfg.train.compute_dtype], clip_skip=cfg.model.clip_skip,
-                    train_text_encoder=cfg.model.train_text_encoder, base=cfg.model.base)
 
 
 @dataclasses.dataclass
@@ -112,7 +91,7 @@ class Run:
 
     def initial_state(self) -> Any:
         init = functools.partial(ts.init_state, self.family, self.spec, self.tx,
-                                 DTYPES[self.cfg.train.param_dtype])
+                                 ts.DTYPES[self.cfg.train.param_dtype])
         return jax.jit(init, out_shardings=self.state_shardings)()
 
     def put_batch(self, step: int) -> dict[str, jax.Array]:
@@ -128,33 +107,22 @@ class Run:
             yield int(step), sharding.assemble(self.mesh, self.spec.global_batch, rows, local)
 
 
-def abstract_state(family: Family, spec: ts.StepSpec, tx: optax.GradientTransformation, param_dtype: str,
-                   shardings: Any) -> Any:
-    """The train state's shapes and dtypes (traced, nothing computed), each placed where
-    `shardings(shapes)` (a tree of shardings) says: what a restore fills in."""
-    shapes = jax.eval_shape(functools.partial(ts.init_state, family, spec, tx, DTYPES[param_dtype]))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                        shardings(shapes))
-
-
 def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Run:
     """Validates the config and builds model, data, mesh and the compiled step."""
     devices = jax.devices() if devices is None else devices
     config_lib.validate(cfg, len(devices))
-    if cfg.mesh.dcn_data > 1 and getattr(devices[0], "slice_index", None) is None:
-        raise config_lib.ConfigError(
-            f"config.mesh.dcn_data = {cfg.mesh.dcn_data}: these {devices[0].platform} devices are "
-            "not TPU slices (no slice_index); use 1 unless the run spans several TPU slices")
-    mesh = sharding.make_mesh(config_lib.mesh_shape(cfg, len(devices)), devices, cfg.mesh.dcn_data)
+    sharding.check_slices(cfg.mesh.dcn_data, devices)
+    mesh = sharding.make_mesh(sharding.mesh_shape(cfg.mesh, len(devices)), devices, cfg.mesh.dcn_data)
     family = load_family(cfg, workdir)
-    config_lib.check_image_sizes(cfg, family.size_multiple)
-    groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
-    data = pipeline.make_data(cfg, family)
+    sources.check_image_sizes(cfg.data, family.size_multiple)
+    groups = dropout.groups_from_config(cfg.dropout, family.conditioners, family.batch_conditioners)
+    data = sources.make_data(cfg.data, cfg.seed, cfg.train.global_batch, family, workers=cfg.loader.workers,
+                             train_text_encoder=cfg.model.train_text_encoder)
     if cfg.data.eval_prompts:  # the default ones are training captions, counted with the data
         warn_overlong(family, list(cfg.data.eval_prompts), "config.data.eval_prompts")
     spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)
     tx, lr = ts.make_optimizer(cfg)
-    abstract = abstract_state(family, spec, tx, cfg.train.param_dtype,
+    abstract = ts.abstract_state(family, spec, tx, cfg.train.param_dtype,
                               lambda shapes: sharding.param_shardings(mesh, shapes, cfg.mesh.fsdp_min_size))
     frozen = jax.device_put(family.frozen,
                             sharding.param_shardings(mesh, family.frozen, cfg.mesh.fsdp_min_size))
@@ -175,7 +143,7 @@ def restore_or_init(run: Run, ckpts: checkpoint.Checkpoints, allow_config_change
         conflicts.append(f"the training data changed: {saved['num_records']} records at the checkpoint, "
                          f"{run.data.num_records} now (or other files/captions/buckets)")
     if conflicts and not allow_config_change:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"cannot resume from {ckpts.directory} step {step}: the config changed in ways that "
             "would change which examples, masks or noise later steps see:\n  " + "\n  ".join(conflicts)
             + "\nUse a new --workdir, or pass --allow_config_change to resume anyway.")
@@ -183,51 +151,6 @@ def restore_or_init(run: Run, ckpts: checkpoint.Checkpoints, allow_config_change
         log.warning("resuming despite a changed config: %s", c)
     log.info("resuming from step %d", step)
     return ckpts.restore(step, run.abstract_state)
-
-
-@dataclasses.dataclass
-class Trained:
-    """A run's saved config and restored state, for export and sampling outside training."""
-
-    cfg: ml_collections.ConfigDict
-    family: Family
-    spec: ts.StepSpec
-    state: Any
-    step: int
-
-    def params(self, weights: str) -> Any:
-        """The trained params to use: "ema" (the averaged ones) or "raw"."""
-        if weights not in ("ema", "raw"):
-            raise config_lib.ConfigError(f"--weights {weights!r}: use 'ema' or 'raw'")
-        if weights == "ema" and "ema" not in self.state:
-            raise config_lib.ConfigError(
-                "--weights ema: this run kept no EMA (config.optim.ema_decay = 0); use --weights raw")
-        return self.state["ema" if weights == "ema" else "params"]
-
-
-def load_trained(workdir: str, step: int | None = None) -> Trained:
-    """The newest checkpoint of run `workdir` (or that of `step`), restored on one device."""
-    # Read-only: a run still training may be writing into the same folder.
-    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
-                                   async_save=False, read_only=True)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; is {workdir!r} a run "
-                                "directory (the --workdir of jaxcond train)?")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has steps {sorted(steps)}")
-    cfg = ml_collections.ConfigDict(ckpts.saved_config(step))
-    family = load_family(cfg, workdir)
-    # steps_per_epoch only feeds dropout schedules, which nothing outside training evaluates.
-    groups = config_lib.dropout_groups(cfg, family.conditioners, family.batch_conditioners)
-    spec = ts.StepSpec.from_config(cfg, groups, 1)
-    tx, _ = ts.make_optimizer(cfg)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = ckpts.restore(step, abstract_state(family, spec, tx, cfg.train.param_dtype,
-                                               lambda shapes: jax.tree.map(lambda _: one, shapes)))
-    ckpts.close()
-    return Trained(cfg, family, spec, state, step)
 
 
 def eval_layout(cfg: ml_collections.ConfigDict, data: Any) -> tuple[list[str], list[str]]:
@@ -253,98 +176,9 @@ def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, floa
     if scores:
         scores["chance"] = run.data.chance(captions)
     first = images[:, ::s.per_prompt]  # one sample per prompt for the picture
-    grid = demo_data.grid_array(np.concatenate(np.swapaxes(first, 0, 1)), nrow=len(scales),
-                                row_labels=captions[::s.per_prompt], col_labels=names)
-    return grid, scores, images
-
-
-def _format_scores(scores: dict[str, dict[str, float]]) -> str:
-    keys = ("background", "color", "shape", "all")
-    lines = [f"{'':>8} " + " ".join(f"{k:>10}" for k in keys)]
-    lines += [f"{n:>8} " + " ".join(f"{v[k]:>10.2f}" for k in keys) for n, v in scores.items()]
-    return "\n".join(lines)
-
-
-def _truncate_jsonl(path: str, keep: Any) -> None:
-    """Keeps the records `keep` accepts; a torn last line (killed mid-write) goes too."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if keep(json.loads(line)):
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except json.JSONDecodeError:
-                pass
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-class RunLog:
-    """Process 0's record of the run: TensorBoard, metrics.jsonl, masks.jsonl, images.
-
-    The masks of every step are kept on device and fetched in bulk at log time, so logging
-    them costs no per-step host synchronisation. Other processes get a RunLog that writes
-    nothing.
-    """
-
-    def __init__(self, run: Run, workdir: str, start: int):
-        from tensorboardX import SummaryWriter
-
-        self.run, self.workdir, self.active = run, workdir, is_main_process()
-        self.pending: list[tuple[int, dict[str, jax.Array], dict[str, jax.Array]]] = []
-        self.last_t, self.last_step = time.perf_counter(), start
-        self.writer = SummaryWriter(os.path.join(workdir, "tb")) if self.active else None
-        if self.active:
-            # Steps after the restored checkpoint will run again: drop their old lines.
-            _truncate_jsonl(os.path.join(workdir, "masks.jsonl"), lambda r: r["step"] < start)
-            _truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda r: r["step"] <= start)
-
-    def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        groups = [g.name for g in self.run.spec.groups if f"dropped/{g.name}" in metrics]
-        self.pending.append((step, {g: metrics[f"dropped/{g}"] for g in groups},
-                             {g: metrics[f"drop_rate/{g}"] for g in groups}))
-
-    def flush(self, done: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
-        """Writes the scalars of step `done` and the masks of every step since the last flush."""
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if not k.startswith("dropped/")}
-        now = time.perf_counter()
-        scalars["step_time"] = (now - self.last_t) / (done - self.last_step)
-        scalars["examples_per_s"] = self.run.cfg.train.global_batch / scalars["step_time"]
-        self.last_t, self.last_step = now, done
-        pending, self.pending = jax.device_get(self.pending), []
-        if self.active:
-            spe = self.run.spec.steps_per_epoch
-            with open(os.path.join(self.workdir, "masks.jsonl"), "a") as f:
-                for step, masks, rates in pending:
-                    record = masks_lib.to_record(step, spe, rates, masks, self.run.data.ids(step))
-                    f.write(json.dumps(record) + "\n")
-            with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": done, **scalars}) + "\n")
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, done)
-        return scalars
-
-    def samples(self, done: int, final: bool, grid: np.ndarray, scores: dict) -> None:
-        if not self.active:
-            return
-        self.writer.add_image("samples", grid, done, dataformats="HWC")
-        for col, s in scores.items():
-            for k, v in s.items():
-                self.writer.add_scalar(f"adherence/{col}/{k}", v, done)
-        name = "samples_final.png" if final else f"samples_{done:06d}.png"
-        Image.fromarray(grid).save(os.path.join(self.workdir, name))
-
-    def close(self, scores: dict) -> None:
-        if not self.active:
-            return
-        self.writer.close()
-        if scores:
-            with open(os.path.join(self.workdir, "adherence.json"), "w") as f:
-                json.dump(scores, f, indent=2)
-            print("caption adherence of held-out samples (fraction right):\n" + _format_scores(scores))
-            print(f"samples: {os.path.join(self.workdir, 'samples_final.png')}")
+    picture = grid.grid_array(np.concatenate(np.swapaxes(first, 0, 1)), nrow=len(scales),
+                              row_labels=captions[::s.per_prompt], col_labels=names)
+    return picture, scores, images
 
 
 class NonFiniteError(RuntimeError):
@@ -376,7 +210,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     cfg.train.max_skipped_updates updates were skipped for non-finite numbers.
     Every process of a multi-host run calls this with the same arguments.
     """
-    config_lib.make_output_dir(workdir, "--workdir")  # before anything expensive starts
+    make_output_dir(workdir, "--workdir")  # before anything expensive starts
     with preemption.StopRequests() as stop:  # from here on, SIGTERM/Ctrl-C end the run cleanly
         run = build(cfg, workdir)
         ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
@@ -391,7 +225,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
             log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
                 run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,
                 cfg.train.steps, sum(x.size for x in jax.tree.leaves(state["params"])))
-        runlog = RunLog(run, workdir, start)
+        runlog = RunLog(workdir, start, run.spec, run.data)
         # A stop requested while compiling or restoring: nothing new to save (one process;
         # several agree on a step inside the loop).
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
@@ -423,8 +257,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                     break
                 every = cfg.train.sample_every
                 if done == cfg.train.steps or (every and done % every == 0):
-                    grid, scores, samples = evaluate(run, state)
-                    runlog.samples(done, done == cfg.train.steps, grid, scores)
+                    picture, scores, samples = evaluate(run, state)
+                    runlog.samples(done, done == cfg.train.steps, picture, scores)
         runlog.close(scores)
     if 0 <= limit < skipped:
         raise NonFiniteError(

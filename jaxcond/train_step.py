@@ -18,6 +18,7 @@ Nothing here reads a clock, a file or a global RNG.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from jaxcond import diffusion, dropout, rng
+from jaxcond.checks import check, in_unit_interval, int_at_least, one_of
 from jaxcond.models.family import Family, Params
 
 State = dict[str, Any]
@@ -62,6 +64,38 @@ class StepSpec:
                                         d.beta_end, d.prediction_type),
             snr_gamma=float(d.snr_gamma), noise_offset=float(d.noise_offset),
             ema_decay=float(cfg.optim.ema_decay))
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks the fields this module reads: `seed`, `config.train` and `config.optim`."""
+    int_at_least("seed", cfg.seed, 0)
+    check(cfg.seed < rng.LIMIT, "seed", cfg.seed, "must be < 2**31")
+    t = cfg.train
+    int_at_least("train.steps", t.steps, 1)
+    int_at_least("train.global_batch", t.global_batch, 1)
+    int_at_least("train.grad_accum", t.grad_accum, 1)
+    one_of("train.param_dtype", t.param_dtype, tuple(DTYPES))
+    one_of("train.compute_dtype", t.compute_dtype, tuple(DTYPES))
+    int_at_least("train.log_every", t.log_every, 1)
+    int_at_least("train.sample_every", t.sample_every, 0)
+    int_at_least("train.max_skipped_updates", t.max_skipped_updates, -1)
+    check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
+          f"must be divisible by config.train.grad_accum = {t.grad_accum}")
+    o = cfg.optim
+    check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    one_of("optim.schedule", o.schedule, ("cosine", "constant"))
+    int_at_least("optim.warmup_steps", o.warmup_steps, 0)
+    in_unit_interval("optim.end_lr_fraction", o.end_lr_fraction)
+    for name in ("b1", "b2"):
+        check(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1) (Adam's decay rates)")
+    # Adam divides by sqrt(second moment) + eps: with 0, a parameter whose gradient is 0
+    # gets 0/0, and every such update would be skipped as non-finite.
+    check(o.eps > 0, "optim.eps", o.eps, "must be > 0 (Adam's epsilon, e.g. 1e-8)")
+    check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 turns it off)")
+    check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must be in [0, 1) (0 turns it off)")
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -102,6 +136,15 @@ def init_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     if spec.ema_decay > 0:
         state["ema"] = jax.tree.map(jnp.copy, params)
     return state
+
+
+def abstract_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation, param_dtype: str,
+                   shardings: Any) -> State:
+    """The train state's shapes and dtypes (traced, nothing computed), each placed where
+    `shardings(shapes)` (a tree of shardings) says: what a restore fills in."""
+    shapes = jax.eval_shape(functools.partial(init_state, family, spec, tx, DTYPES[param_dtype]))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        shardings(shapes))
 
 
 def step_randomness(spec: StepSpec, step: jax.Array, x_shape: tuple[int, ...]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcond import checkpoint, masks as masks_lib, train
+from jaxcond import checkpoint, masks as masks_lib, rundir
 
 
 def _logged_masks(path: str) -> tuple[dict[int, dict], int]:
@@ -76,7 +76,7 @@ def verify(workdir: str, report: Callable[[str], None] = print) -> list[str]:
                         "(seed, dropout spec or data changed mid-run, e.g. a resume with --allow_config_change)")
     report(f"masks: {len(checked) - len(wrong)} of {len(checked)} logged steps equal the re-derived ones")
 
-    run = train.load_trained(workdir, latest)
+    run = rundir.load_trained(workdir, latest)
     got = int(run.state["step"])
     finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(run.state)
                  if np.issubdtype(np.asarray(x).dtype, np.floating))

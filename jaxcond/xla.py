@@ -23,18 +23,18 @@ from typing import Any
 
 import jax
 
-from jaxcond.config import ConfigError, make_output_dir
+from jaxcond.checks import ConfigError
+from jaxcond.outputs import make_output_dir
 
 log = logging.getLogger("jaxcond")
 
 # XLA:CPU's YNNPACK fusions, on by default in jaxlib 0.10. With one CPU device in the
 # process (a real CPU run, such as the demo) they made the demo's train step 1.12x slower
-# on 2 cores (benchmarks/step_time.py, jaxopts/sharded; 1.34x before `cpu_runtime()`), so
-# the empty list turns them off.
+# on 2 cores (benchmarks/step_time.py, jaxopts/sharded), so the empty list turns them off.
 # With 8 simulated CPU devices sharing those cores (the tests, `--devices 8` benchmarks)
 # turning them off made it 1.14x slower instead, so there jax's defaults stay.
 # Never with several devices anyway: with the option, a data=2 mesh of 2 CPU devices gave
-# wrong samples in the first two rows of each device's shard (jaxlib 0.10.2, 2026-12-02;
+# wrong samples in the first two rows of each device's shard (jaxlib 0.10.2;
 # the same program with jax's defaults, or on one device, matched within one uint8 step;
 # docs/upstream/xla_cpu_ynn_two_devices.py is a standalone repro to rerun after upgrades).
 # CPU only: the GPU and TPU compilers never see the option.

@@ -56,6 +56,30 @@ def tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
+def make_data(cfg: ml_collections.ConfigDict, family, use_cache: bool = True):
+    """The training data of a whole config, as `jaxcond train` builds it."""
+    from jaxcond.data import sources
+
+    return sources.make_data(cfg.data, cfg.seed, cfg.train.global_batch, family, workers=cfg.loader.workers,
+                             train_text_encoder=cfg.model.train_text_encoder, use_cache=use_cache)
+
+
+def build_cache(cfg: ml_collections.ConfigDict, family, directory: str) -> dict:
+    """`jaxcond cache` of a whole config into `directory`."""
+    from jaxcond.data import sources
+
+    return sources.build_cache(cfg.data, cfg.seed, cfg.train.global_batch, family, directory,
+                               workers=cfg.loader.workers, train_text_encoder=cfg.model.train_text_encoder)
+
+
+def write_shards(cfg: ml_collections.ConfigDict, out: str, num_shards: int) -> dict:
+    """`jaxcond shards` of a whole config into `out`."""
+    from jaxcond.data import sources
+
+    return sources.write_shards(cfg.data, cfg.seed, cfg.train.global_batch, out, num_shards,
+                                workers=cfg.loader.workers)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
     """A tiny demo model folder (diffusers layout) built once per session.

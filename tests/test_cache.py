@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import file_config
+from conftest import build_cache, file_config, make_data, write_shards
 from jaxcond import config as config_lib, dropout, train as train_lib, train_step as ts
-from jaxcond.data import cache, pipeline
+from jaxcond.data import cache
 
 
 def _cached_config(config, folder, directory):
@@ -26,13 +26,13 @@ def _cached_config(config, folder, directory):
 @pytest.fixture(scope="module")
 def built(config, family, image_folder, tmp_path_factory):
     cfg = _cached_config(config, image_folder, tmp_path_factory.mktemp("cache"))
-    cache.build(cfg, family, cfg.data.cache)
+    build_cache(cfg, family, cfg.data.cache)
     return cfg
 
 
 def test_cache_gives_the_same_batches_as_the_files(built, family):
-    files_data = pipeline.make_data(built, family, use_cache=False)
-    cached = pipeline.make_data(built, family)
+    files_data = make_data(built, family, use_cache=False)
+    cached = make_data(built, family)
     assert isinstance(cached, cache.CachedData)
     assert cached.buckets == files_data.buckets and cached.steps_per_epoch == files_data.steps_per_epoch
     for step in (0, 3, cached.steps_per_epoch + 1):
@@ -97,17 +97,17 @@ def test_cache_refuses_what_it_cannot_hold_or_no_longer_describes(built, family,
     random_crop = copy.deepcopy(built)
     random_crop.data.crop = "random"
     with pytest.raises(config_lib.ConfigError, match="random"):
-        cache.build(random_crop, family, str(tmp_path / "c1"))
+        build_cache(random_crop, family, str(tmp_path / "c1"))
     other_size = copy.deepcopy(built)
     other_size.data.buckets = ((24, 24),)
     with pytest.raises(config_lib.ConfigError, match="buckets"):
-        pipeline.make_data(other_size, family)
+        make_data(other_size, family)
     with pytest.raises(config_lib.ConfigError, match="another model or dataset"):
-        cache.build(other_size, family, built.data.cache)
+        build_cache(other_size, family, built.data.cache)
     missing = copy.deepcopy(built)
     missing.data.cache = str(tmp_path / "none")
     with pytest.raises(config_lib.ConfigError, match="jaxcond cache"):
-        pipeline.make_data(missing, family)
+        make_data(missing, family)
 
 
 def test_interrupted_cache_resumes_and_changed_files_are_noticed(config, family, image_folder, tmp_path,
@@ -116,25 +116,25 @@ def test_interrupted_cache_resumes_and_changed_files_are_noticed(config, family,
     folder = tmp_path / "images"
     shutil.copytree(image_folder, folder)
     cfg = _cached_config(config, folder, tmp_path / "cache")
-    cache.build(cfg, family, cfg.data.cache)
+    build_cache(cfg, family, cfg.data.cache)
     manifest_path = os.path.join(cfg.data.cache, "manifest.json")
     manifest = json.load(open(manifest_path))
     assert manifest["done"] == [0, 1, 2, 3]
     manifest["done"] = [0, 1]  # as if killed during chunk 2
     json.dump(manifest, open(manifest_path, "w"))
     with pytest.raises(config_lib.ConfigError, match="incomplete"):
-        pipeline.make_data(cfg, family)
-    assert cache.build(cfg, family, cfg.data.cache)["done"] == [0, 1, 2, 3]
-    pipeline.make_data(cfg, family)
+        make_data(cfg, family)
+    assert build_cache(cfg, family, cfg.data.cache)["done"] == [0, 1, 2, 3]
+    make_data(cfg, family)
     (folder / "005.png").write_bytes((folder / "006.png").read_bytes())
     with pytest.raises(config_lib.ConfigError, match="changed on disk"):
-        pipeline.make_data(cfg, family)
+        make_data(cfg, family)
 
 
 def test_demo_cache_keeps_the_adherence_scores(config, family, tmp_path):
     cfg = copy.deepcopy(config)
     cfg.data.cache = str(tmp_path / "cache")
-    cache.build(cfg, family, cfg.data.cache)
+    build_cache(cfg, family, cfg.data.cache)
     run = train_lib.build(cfg, str(tmp_path / "run"))
     assert isinstance(run.data, cache.CachedData)
     _, scores, _ = train_lib.evaluate(run, run.initial_state())
@@ -159,11 +159,10 @@ def test_cli_cache_builds_and_explains_bad_settings(built, model_dir, image_fold
 def test_cache_of_an_immutable_source_notices_a_rewrite(config, family, image_folder, tmp_path, source):
     import datasets
 
-    from jaxcond.data import shards
 
     cfg = _cached_config(config, image_folder, tmp_path / "cache")
     cfg.data.cache = ""
-    records = pipeline.make_data(cfg, family).records
+    records = make_data(cfg, family).records
 
     def write(n):  # the source with its first n records
         if source == "shards":
@@ -173,7 +172,7 @@ def test_cache_of_an_immutable_source_notices_a_rewrite(config, family, image_fo
             for r in records[:n]:
                 shutil.copy(r.path, sub.data.path)
                 shutil.copy(r.path[:-4] + ".txt", sub.data.path)
-            shards.write(sub, str(tmp_path / "src"), num_shards=2)
+            write_shards(sub, str(tmp_path / "src"), num_shards=2)
         else:
             datasets.Dataset.from_dict(
                 {"image": [{"bytes": open(r.path, "rb").read(), "path": None} for r in records[:n]],
@@ -183,12 +182,12 @@ def test_cache_of_an_immutable_source_notices_a_rewrite(config, family, image_fo
 
     write(64)
     cfg.data.source, cfg.data.path, cfg.data.cache = source, str(tmp_path / "src"), str(tmp_path / "cache")
-    cache.build(cfg, family, cfg.data.cache)
-    assert pipeline.make_data(cfg, family).num_records == 64
+    build_cache(cfg, family, cfg.data.cache)
+    assert make_data(cfg, family).num_records == 64
     shutil.rmtree(tmp_path / "src")
     write(48)
     with pytest.raises(config_lib.ConfigError, match="changed on disk"):
-        pipeline.make_data(cfg, family)
+        make_data(cfg, family)
 
 
 def test_cache_holds_the_null_encodings(built, family):

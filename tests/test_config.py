@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from jaxcond import config as config_lib, train as train_lib
+from jaxcond import config as config_lib, outputs, sharding, train as train_lib
 from jaxcond.masks import mask_records
 from conftest import ROOT, tiny_config
 
@@ -74,9 +74,9 @@ def test_conditioner_in_two_groups(tmp_path):
 
 def test_mesh_shape_fills_the_free_axis():
     cfg = tiny_config()
-    assert config_lib.mesh_shape(cfg, 8) == {"data": 8, "fsdp": 1}
+    assert sharding.mesh_shape(cfg.mesh, 8) == {"data": 8, "fsdp": 1}
     cfg.mesh.fsdp = 4
-    assert config_lib.mesh_shape(cfg, 8) == {"data": 2, "fsdp": 4}
+    assert sharding.mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 4}
 
 
 def _cli(*args, cwd=ROOT):
@@ -118,8 +118,8 @@ CONFIG_FILES = [  # (the file's text, jaxcond's one line about it)
     ("def get_config():\n    return undefined\n",
      "line 2 (return undefined): NameError: name 'undefined' is not defined"),
     ("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'seed': 0})\n",
-     "the config has no field 'dropout': a config file defines every field of configs/demo.py; build on it "
-     "with jaxcond.config.from_file('configs/demo.py')"),
+     "the config has no field 'dropout': a config file defines every field of configs/base.py; build on it "
+     "with jaxcond.config.from_file('configs/base.py')"),
 ]
 
 
@@ -134,14 +134,14 @@ def test_cli_names_what_is_wrong_in_a_config_file(tmp_path, text, message):
 
 
 def test_output_folders_are_made_and_proven_writable_up_front(tmp_path, monkeypatch):
-    config_lib.make_output_dir(str(tmp_path / "new" / "deep"), "--out")
+    outputs.make_output_dir(str(tmp_path / "new" / "deep"), "--out")
     assert os.listdir(tmp_path / "new" / "deep") == []  # the write probe is gone
     (tmp_path / "f").write_text("x")
     for path, message in ((tmp_path / "f", "is a file, not a folder: choose another path"),
                           (tmp_path / "f" / "sub", r"is not writable \(Not a directory\): choose another path"),
                           ("gs://bucket/x", "is a URL, which is not supported yet")):
         with pytest.raises(config_lib.ConfigError, match=f"^--out '{path}' {message}"):
-            config_lib.make_output_dir(str(path), "--out")
+            outputs.make_output_dir(str(path), "--out")
     monkeypatch.chdir(tmp_path)
     assert not os.path.exists("gs:")  # os.makedirs would have made a local folder of the URL
 
@@ -195,3 +195,46 @@ def test_bad_model_folder_is_named(tmp_path):
     r = _cli("train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
              f"--config.model.source={tmp_path / 'half'}")
     assert r.returncode != 0 and "has no unet/ subfolder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_masks_take_steps_below_2_31_and_say_the_mesh_is_unused():
+    r = _cli("masks", "--config", "configs/demo.py", "--steps", "2147483647:2147483649")
+    assert r.returncode != 0 and not r.stdout and "Traceback" not in r.stderr
+    assert "expected 0 <= A < B <= 2**31" in r.stderr
+    with pytest.raises(config_lib.ConfigError, match=r"step 2147483648: steps are integers in \[0, 2\*\*31\)"):
+        list(mask_records(tiny_config(), [2**31]))
+    # The last allowed step, on a mesh the machine may not have: masks need one device.
+    r = _cli("masks", "--config", "configs/demo.py", "--steps", "2147483646:2147483647", "--config.mesh.data=3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["step"] == 2147483646
+    assert "config.mesh is not used: the masks do not depend on devices or mesh" in r.stderr
+
+
+def test_groups_whose_names_share_a_crc32_are_refused_naming_both():
+    cfg = tiny_config()
+    for name in ("aspjwwk", "rnrsgud"):  # zlib.crc32 of both is 2079472092
+        cfg.dropout.groups[name] = copy.deepcopy(cfg.dropout.groups.caption)
+        cfg.dropout.groups[name].members = ()
+    cfg.dropout.groups.aspjwwk.members = ("text",)
+    cfg.dropout.groups.rnrsgud.members = ("pooled",)
+    del cfg.dropout.groups["caption"]
+    with pytest.raises(config_lib.ConfigError, match="groups 'aspjwwk' and 'rnrsgud' have the same id"):
+        config_lib.validate(cfg, None)
+
+
+def test_runs_saved_before_model_family_resume_unchanged():
+    """A checkpoint's config from before `model.family` named the demo by its source and
+    carried the demo's fields in every config: neither is a change of the model."""
+    from configs import demo, sd15
+    from jaxcond.checkpoint import config_to_json
+
+    demo_fields = config_to_json(demo.get_config())["model"]["demo"]
+    for module in (demo, sd15):
+        now = config_to_json(module.get_config())
+        saved = copy.deepcopy(now)
+        del saved["model"]["family"]
+        saved["model"]["demo"] = demo_fields
+        assert config_lib.resume_conflicts(saved, now) == [], module.__name__
+        saved["model"]["clip_skip"] = 2
+        (conflict,) = config_lib.resume_conflicts(saved, now)
+        assert conflict.startswith("config.model: checkpoint has")

@@ -1,4 +1,5 @@
-"""Tests for jaxcond.data.demo (procedural shapes dataset, pixel classifier, image grids)."""
+"""Tests for jaxcond.data.demo (procedural shapes), jaxcond.data.demo_score (pixel classifier)
+and jaxcond.grid (image grids)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from jaxcond.data import demo
+from jaxcond import grid
 from jaxcond.data.demo import (
     PALETTE,
     SHAPES,
     Attrs,
     DemoDataset,
-    adherence,
     all_combinations,
     caption,
-    chance_adherence,
-    classify,
-    grid_array,
-    misses,
     parse_caption,
     render,
-    save_grid,
     split_combinations,
 )
+from jaxcond.data.demo_score import adherence, chance_adherence, classify, misses
+from jaxcond.grid import grid_array, save_grid
 
 COMBOS = all_combinations()
 
@@ -323,12 +320,12 @@ def test_grid_labels(tmp_path):
 
 def test_save_grid_calls_grid_array(monkeypatch, tmp_path):
     calls = []
-    real = demo.grid_array
+    real = grid.grid_array
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "grid_array", spy)
-    demo.save_grid(np.zeros((1, 8, 8, 3), np.uint8), str(tmp_path / "g.png"), nrow=1)
+    monkeypatch.setattr(grid, "grid_array", spy)
+    grid.save_grid(np.zeros((1, 8, 8, 3), np.uint8), str(tmp_path / "g.png"), nrow=1)
     assert calls == [1]

@@ -21,7 +21,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from conftest import ROOT
-from jaxcond import export as export_lib, train as train_lib
+from jaxcond import export as export_lib, rundir
 from jaxcond.config import ConfigError
 from jaxcond.models import convert, demo as demo_model
 from jaxcond.models.unet_clip import UNetCLIP
@@ -51,7 +51,7 @@ def _flat(tree) -> dict:
 
 
 def test_export_writes_both_layouts_with_the_ema_weights_and_nulls(run_dir, exported):
-    t = train_lib.load_trained(run_dir)
+    t = rundir.load_trained(run_dir)
     for sub, files in {"unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"),
                        "text_encoder": ("flax_model.msgpack", "model.safetensors"),
                        "tokenizer": ("vocab.json", "merges.txt"), "scheduler": ("scheduler_config.json",)}.items():
@@ -77,7 +77,7 @@ def test_export_raw_and_errors(run_dir, tmp_path):
     m = export_lib.export(run_dir, str(tmp_path / "raw"), weights="raw", step=4)
     assert m["step"] == 4 and m["weights"] == "raw"
     back = UNetCLIP(str(tmp_path / "raw"))
-    raw = _flat(train_lib.load_trained(run_dir, step=4).state["params"]["model"])
+    raw = _flat(rundir.load_trained(run_dir, step=4).state["params"]["model"])
     assert raw.keys() == _flat(back.trainable).keys()
     assert all(np.array_equal(raw[k], v) for k, v in _flat(back.trainable).items())
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 5; it has steps"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from jaxcond import config as config_lib, train as train_lib, train_step as ts
+from jaxcond import config as config_lib, dropout, train as train_lib, train_step as ts
 from jaxcond.models import demo as demo_model
 from jaxcond.models.unet_clip import UNetCLIP
 
@@ -122,7 +122,7 @@ def test_fine_tuned_text_encoder_moves_the_empty_null(config, tmp_path):
 
     cfg1 = copy.deepcopy(cfg)
     cfg1.dropout.groups.caption.rate = 1.0
-    spec = ts.StepSpec.from_config(cfg1, config_lib.dropout_groups(cfg1, family.conditioners), 10)
+    spec = ts.StepSpec.from_config(cfg1, dropout.groups_from_config(cfg1.dropout, family.conditioners), 10)
     family.denoise = spy
     try:
         batch = run.put_batch(3)
@@ -147,4 +147,4 @@ def test_time_ids_have_no_empty_null():
     cfg = config_lib.from_file(str(ROOT / "configs" / "sdxl.py"))
     cfg.dropout.nulls.time_ids = "empty"
     with pytest.raises(config_lib.ConfigError, match=r"dropout.nulls.time_ids.*comes from the data.*'zeros'"):
-        config_lib.dropout_groups(cfg, ("text", "text_2", "pooled", "time_ids"), ("time_ids",))
+        dropout.groups_from_config(cfg.dropout, ("text", "text_2", "pooled", "time_ids"), ("time_ids",))

@@ -1,4 +1,4 @@
-"""Fault tolerance (issue 7): kills at random moments, preemption signals, non-finite
+"""Fault tolerance: kills at random moments, preemption signals, non-finite
 numbers, unwritable or full disks, changed code on resume, and `jaxcond verify`.
 
 Every interrupted run is compared with one uninterrupted reference run of the same
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcond import checkpoint, config as config_lib, train as train_lib, verify as verify_lib
+from jaxcond import checkpoint, config as config_lib, rundir, train as train_lib, verify as verify_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KILLS = 10  # issue 7: at least 10; plus a SIGTERM and a Ctrl-C, each a process start
+KILLS = 10  # at least 10; plus a SIGTERM and a Ctrl-C, each a process start
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def reference(fault_config, tmp_path_factory):
 def target(reference):
     """The abstract state (shapes, dtypes, one device) of every run here: restoring onto it
     needs no model load, unlike `load_trained` (seconds per checkpoint)."""
-    state = train_lib.load_trained(reference).state
+    state = rundir.load_trained(reference).state
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
 
@@ -155,7 +155,7 @@ def test_random_kills_and_signals_resume_to_the_uninterrupted_run(fault_config, 
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert checkpoint.partial_checkpoints(os.path.join(workdir, "checkpoints")) == []
-    final = jax.device_get(train_lib.load_trained(workdir).state)
+    final = jax.device_get(rundir.load_trained(workdir).state)
     jax.tree.map(np.testing.assert_array_equal, ref_states[fault_config.train.steps], final)
     assert _lines(workdir, "masks.jsonl") == _lines(reference, "masks.jsonl")
     losses = lambda d: {r["step"]: r["loss"] for r in _lines(d, "metrics.jsonl")}  # noqa: E731
@@ -186,7 +186,7 @@ def test_partial_checkpoint_is_reported_and_ignored(fault_config, reference, tmp
     assert [h["step"] for h in out["history"]] == [5, 6]
     assert "ignoring 1 partial checkpoint" in caplog.text and "6.orbax-checkpoint-tmp-1234" in caplog.text
     assert not os.path.exists(partial)
-    ref = train_lib.load_trained(reference, 6).state
+    ref = rundir.load_trained(reference, 6).state
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref), jax.device_get(out["state"]))
 
 
@@ -199,7 +199,7 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(fault_config, tmp_pat
     good = train_lib.train(cfg, str(tmp_path / "good"), progress=False, stop_at=1)["state"]
     with pytest.raises(train_lib.NonFiniteError, match=r"3 updates had a non-finite.*step 4"):
         train_lib.train(cfg, str(tmp_path / "bad"), progress=False)
-    saved = train_lib.load_trained(str(tmp_path / "bad"))
+    saved = rundir.load_trained(str(tmp_path / "bad"))
     assert saved.step == 4 and int(saved.state["skipped"]) == 3
     for key in ("params", "opt_state", "ema"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(good[key]), jax.device_get(saved.state[key]))
@@ -248,7 +248,7 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint(fault_config, reference
     assert "File too large" in ours[0] and "step 2, is intact" in ours[0], ours[0]
     out = train_lib.train(cfg, workdir, progress=False, stop_at=4)
     assert out["history"][0]["step"] == 3
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(train_lib.load_trained(reference, 4).state),
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(rundir.load_trained(reference, 4).state),
                  jax.device_get(out["state"]))
 
 
@@ -272,7 +272,7 @@ def test_an_error_after_the_last_save_keeps_that_checkpoint(fault_config, refere
     assert r.returncode == 1 and "RuntimeError: evaluation failed" in r.stderr, r.stdout + r.stderr
     assert "cannot schedule new futures" not in r.stderr, r.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-    assert int(train_lib.load_trained(workdir, 4).state["step"]) == 4  # complete: it restores
+    assert int(rundir.load_trained(workdir, 4).state["step"]) == 4  # complete: it restores
 
 
 def test_restore_names_arrays_whose_shape_changed(tmp_path):

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import file_config, tiny_config
-from jaxcond import config as config_lib, export as export_lib, rng, train as train_lib, train_step as ts
-from jaxcond.data import cache, pipeline
+from conftest import build_cache, file_config, make_data, tiny_config
+from jaxcond import config as config_lib, dropout, export as export_lib, rng, train as train_lib, train_step as ts
 from jaxcond.models import demo as demo_model
 from jaxcond.models.unet_clip import UNetCLIP
 
@@ -44,7 +43,7 @@ def test_image_sizes_must_be_multiples_of_the_downsampling(latent_config, latent
         train_lib.build(cfg, str(tmp_path / "run"))
     cfg.data.cache, cfg.data.crop, cfg.data.flip = str(tmp_path / "cache"), "center", False
     with pytest.raises(config_lib.ConfigError, match=r"config.data.resolution = 18: must be a multiple of 4"):
-        cache.build(cfg, latent_family, cfg.data.cache)
+        build_cache(cfg, latent_family, cfg.data.cache)
     assert not (tmp_path / "cache").exists()
 
 
@@ -85,11 +84,11 @@ def test_cached_moments_give_the_same_step(latent_config, latent_family, image_f
     cfg.data.crop, cfg.data.flip = "center", False
     cfg.data.cache = str(tmp_path / "cache")
     cfg.dropout.groups.caption.rate = 0.5
-    cache.build(cfg, fam, cfg.data.cache)
-    groups = config_lib.dropout_groups(cfg, fam.conditioners)
+    build_cache(cfg, fam, cfg.data.cache)
+    groups = dropout.groups_from_config(cfg.dropout, fam.conditioners)
     results = []
     for use_cache in (False, True):
-        data = pipeline.make_data(cfg, fam, use_cache=use_cache)
+        data = make_data(cfg, fam, use_cache=use_cache)
         spec = ts.StepSpec.from_config(cfg, groups, data.steps_per_epoch)
         tx, lr = ts.make_optimizer(cfg)
         state = ts.init_state(fam, spec, tx)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TrainedRun, file_config
+from conftest import TrainedRun, file_config, make_data, write_shards
 from jaxcond import checkpoint, config as config_lib, masks as masks_lib, train as train_lib
 from jaxcond.data import files, order, pipeline
 
@@ -38,7 +38,7 @@ def test_single_bucket_order_is_the_documented_batch_ids():
 
 def test_folder_data_checks_buckets_and_reports(config, family, image_folder):
     cfg = file_config(config, image_folder)
-    data = pipeline.make_data(cfg, family)
+    data = make_data(cfg, family)
     assert data.num_records == 104
     assert np.bincount(data.buckets).tolist() == [64, 40]
     assert data.report.counts["skipped: no caption"] == 1
@@ -52,7 +52,7 @@ def test_folder_data_checks_buckets_and_reports(config, family, image_folder):
 
 @pytest.mark.parametrize("processes", [0, 2])
 def test_prefetcher_yields_exactly_the_direct_batches(config, family, image_folder, processes):
-    data = pipeline.make_data(file_config(config, image_folder), family)
+    data = make_data(file_config(config, image_folder), family)
     rows = np.arange(3, 11)
     got_steps = []
     for step, got in pipeline.Prefetcher(data, rows, 2, 9, workers=3, prefetch=2, processes=processes):
@@ -102,7 +102,7 @@ def test_captions_the_text_encoder_cuts_are_kept_and_counted(config, family, ima
         (folder / name).write_text((folder / name).read_text() + ", in the style of a children's book")
     cfg = file_config(config, folder)
     with caplog.at_level("INFO", logger="jaxcond"):
-        data = pipeline.make_data(cfg, family)
+        data = make_data(cfg, family)
     what = "caption over the text encoder's 12 tokens: kept, end cut"
     assert data.num_records == 20 and data.report.counts[what] == 2
     assert data.report.examples[what] == [str(folder / "001.png"), str(folder / "007.png")]
@@ -153,13 +153,13 @@ def test_captions_with_another_extension(config, family, image_folder, tmp_path,
     cfg = copy.deepcopy(config)
     cfg.data.source, cfg.data.path = "folder", str(folder)
     with caplog.at_level("INFO", logger="jaxcond"), pytest.raises(files.DataError) as e:
-        pipeline.make_data(cfg, family)
+        make_data(cfg, family)
     assert str(e.value).endswith("see the table above; 16 images have no <name>.txt caption: set "
                                  "config.data.caption_extension to their captions' extension, or "
                                  "config.data.missing_caption=empty")
     assert f"{'skipped: no caption':<66} {16:>7}  000.png, 001.png, 002.png" in caplog.text  # the table above
     cfg.data.caption_extension = ".caption"
-    data = pipeline.make_data(cfg, family)
+    data = make_data(cfg, family)
     assert [r.caption for r in data.records] == [(image_folder / f"{i:03d}.txt").read_text() for i in range(16)]
     cfg.data.caption_extension = "caption"
     with pytest.raises(config_lib.ConfigError, match=r"config.data.caption_extension = 'caption': a file "
@@ -168,15 +168,14 @@ def test_captions_with_another_extension(config, family, image_folder, tmp_path,
 
 
 def test_shards_give_the_same_batches_as_the_files(config, family, image_folder, tmp_path):
-    from jaxcond.data import shards
 
     cfg = file_config(config, image_folder)
-    index = shards.write(cfg, str(tmp_path / "shards"), num_shards=3)
+    index = write_shards(cfg, str(tmp_path / "shards"), num_shards=3)
     assert len(index["shards"]) == 3 and len(index["sizes"]) == 104
-    from_files = pipeline.make_data(cfg, family)
+    from_files = make_data(cfg, family)
     sharded = copy.deepcopy(cfg)
     sharded.data.source, sharded.data.path = "shards", str(tmp_path / "shards")
-    from_shards = pipeline.make_data(sharded, family)
+    from_shards = make_data(sharded, family)
     assert from_shards.buckets == from_files.buckets
     assert from_shards.report.counts == from_files.report.counts  # the checks ran at write time
     for step in (0, 1, from_files.steps_per_epoch + 2):  # random crops, flips: same per record
@@ -187,7 +186,7 @@ def test_shards_give_the_same_batches_as_the_files(config, family, image_folder,
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
     (tmp_path / "shards" / "index.json").unlink()
     with pytest.raises(files.DataError, match="jaxcond shards"):
-        pipeline.make_data(sharded, family)
+        make_data(sharded, family)
 
 
 def test_cli_shards_writes_and_names_the_training_flags(image_folder, tmp_path):
@@ -211,7 +210,7 @@ def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_
     import datasets
 
     cfg = file_config(config, image_folder)
-    from_files = pipeline.make_data(cfg, family)
+    from_files = make_data(cfg, family)
     rows = {"image": [{"bytes": open(r.path, "rb").read(), "path": None} for r in from_files.records],
             "text": [r.caption for r in from_files.records]}
     rows["image"].insert(5, {"bytes": b"not an image", "path": None})  # both are skipped and counted
@@ -223,7 +222,7 @@ def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_
     ds.save_to_disk(str(tmp_path / "ds"))
     hf = copy.deepcopy(cfg)
     hf.data.source, hf.data.path = "hf", str(tmp_path / "ds")
-    data = pipeline.make_data(hf, family)
+    data = make_data(hf, family)
     assert data.num_records == from_files.num_records and data.buckets == from_files.buckets
     assert data.report.counts["skipped: no caption"] == 1
     assert data.report.counts["skipped: not a readable image (corrupt, truncated or not an image)"] == 1
@@ -234,7 +233,7 @@ def test_hf_datasets_source_matches_the_files(config, family, image_folder, tmp_
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
     hf.data.caption_column = "caption"
     with pytest.raises(files.DataError, match="no column 'caption'"):
-        pipeline.make_data(hf, family)
+        make_data(hf, family)
 
 
 def test_resume_refuses_changed_data_and_checkpoints_the_loader_state(folder_run, tmp_path):

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from jaxcond import diffusion, sampling, sharding
-from jaxcond.generate import generate
+from jaxcond import diffusion, dropout, sampling, sharding
+from jaxcond.sample import sample as sample_run
 from jaxcond.models.family import Family
 from jaxcond.train_step import StepSpec
 
@@ -136,10 +136,9 @@ def test_euler_ancestral_is_seeded_and_lands_on_the_model_x0():
 def _demo_spec_and_params(config, family):
     """The tiny demo model's step spec and initial params, learned nulls pushed far from
     any caption so that the two branches differ visibly."""
-    from jaxcond import config as config_lib
     from jaxcond.train_step import StepSpec as Spec, init_state, make_optimizer
 
-    spec = Spec.from_config(config, config_lib.dropout_groups(config, family.conditioners, family.batch_conditioners), 1)
+    spec = Spec.from_config(config, dropout.groups_from_config(config.dropout, family.conditioners, family.batch_conditioners), 1)
     state = init_state(family, spec, make_optimizer(config)[0])
     return spec, {**state["params"], "nulls": jax.tree.map(lambda x: x + 3.0, state["params"]["nulls"])}
 
@@ -202,8 +201,8 @@ def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
     assert "read only" not in r.stderr  # Orbax's notices about the read-only manager it was asked for
     first = np.asarray(Image.open(out))
     assert first.shape[0] > 2 * 16 * 4 and first.shape[1] > 2 * 16 * 4  # 2x2 tiles at 4x, plus labels
-    again = generate(str(run), ["a red circle on a blue background", "a green square on a black background"],
-                     [1.0, 3.0], steps=3, seed=5, scheduler="dpm++", out=str(tmp_path / "again.png"))
+    again = sample_run(str(run), ["a red circle on a blue background", "a green square on a black background"],
+                       [1.0, 3.0], steps=3, seed=5, scheduler="dpm++", out=str(tmp_path / "again.png"))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again)))  # deterministic from the seed
     for flag, value, message in (("--scheduler", "heun", "--scheduler 'heun': use one of"),
                                  ("--guidance", "1,a", "--guidance '1,a' must be numbers"),

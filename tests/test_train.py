@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from jaxcond import config as config_lib, sampling, train as train_lib, xla
+from conftest import ROOT, make_data
+from jaxcond import config as config_lib, dropout, sampling, train as train_lib, xla
 from jaxcond import train_step as ts
-from jaxcond.data import order, pipeline
+from jaxcond.data import order
 from jaxcond.models.family import Family
 
 
@@ -70,13 +70,13 @@ def _one_step_seen(config, family, rate, grad_accum=1, step=0):
     cfg.dropout.groups.caption.rate = rate
     cfg.train.grad_accum = grad_accum
     spy = Spy(family)
-    groups = config_lib.dropout_groups(cfg, spy.conditioners)
+    groups = dropout.groups_from_config(cfg.dropout, spy.conditioners)
     spe = order.steps_per_epoch(cfg.data.num_records, cfg.train.global_batch)
     spec = ts.StepSpec.from_config(cfg, groups, spe)
     tx, lr = ts.make_optimizer(cfg)
     state = jax.jit(functools.partial(ts.init_state, spy, spec, tx))()
     state["step"] = jnp.int32(step)
-    data = pipeline.make_data(cfg, spy)
+    data = make_data(cfg, spy)
     batch = jax.tree.map(jnp.asarray, data.batch(data.ids(step), step))
     _, metrics = jax.jit(functools.partial(ts.train_step, spy, spec, tx, lr))(state, spy.frozen, batch)
     jax.effects_barrier()
@@ -201,7 +201,7 @@ def test_sampling_never_drops_and_uses_the_trained_null(config, family):
     cfg = copy.deepcopy(config)
     cfg.dropout.groups.caption.rate = 1.0  # would drop everything if sampling applied dropout
     spy = Spy(family)
-    groups = config_lib.dropout_groups(cfg, spy.conditioners)
+    groups = dropout.groups_from_config(cfg.dropout, spy.conditioners)
     spec = ts.StepSpec.from_config(cfg, groups, 16)
     tx, _ = ts.make_optimizer(cfg)
     params = jax.jit(functools.partial(ts.init_state, spy, spec, tx))()["params"]

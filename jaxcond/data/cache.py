@@ -37,8 +37,8 @@ import numpy as np
 import tqdm
 
 from jaxcond import xla
-from jaxcond.config import ConfigError, check_image_sizes, make_output_dir
-from jaxcond.data import pipeline
+from jaxcond.checks import ConfigError
+from jaxcond.data import hf, pipeline, shards
 from jaxcond.models.family import Family
 from jaxcond.train_step import empty_tokens
 
@@ -50,13 +50,12 @@ _DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "capt
                 "missing_caption", "empty_caption", "too_small", "num_records", "heldout_fraction", "seed")
 
 
-def check_cacheable(cfg: ml_collections.ConfigDict) -> None:
-    """A cache stores one crop and one caption per image, encoded by the frozen text
-    encoders: refuse settings that vary them."""
-    if cfg.model.train_text_encoder:
+def check_cacheable(d: ml_collections.ConfigDict, train_text_encoder: bool) -> None:
+    """A cache of `config.data` (`d`) stores one crop and one caption per image, encoded by
+    the frozen text encoders: refuse settings that vary them."""
+    if train_text_encoder:
         raise ConfigError("config.data.cache: with config.model.train_text_encoder the captions' "
                           "encodings change every step, so they cannot be cached; train without the cache")
-    d = cfg.data
     if d.source == "demo":
         return
     varying = [f for f, on in (("data.crop = 'random'", d.crop == "random"), ("data.flip", d.flip),
@@ -77,8 +76,8 @@ def fingerprint_params(tree: object) -> str:
     return h.hexdigest()
 
 
-def _source_of(cfg: ml_collections.ConfigDict) -> dict:
-    return {f: cfg.data.to_dict().get(f) for f in _DATA_FIELDS}
+def _source_of(d: ml_collections.ConfigDict) -> dict:
+    return {f: d.to_dict().get(f) for f in _DATA_FIELDS}
 
 
 def _json_default(x: object) -> object:
@@ -106,13 +105,11 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch: int = 64) -> dict:
-    """Writes (or completes) the cache of `cfg`'s data under `directory`; returns the manifest."""
-    check_cacheable(cfg)
-    check_image_sizes(cfg, family.size_multiple)
-    make_output_dir(directory, "config.data.cache")
-    data = pipeline.make_data(cfg, family, use_cache=False)
-    want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(cfg),
+def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) -> dict:
+    """Writes (or completes) the cache of `data` (a source, not a cache) under `directory`,
+    a folder made and checked before `data` scanned its source (`jaxcond.data.sources`);
+    returns the manifest."""
+    want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(data.cfg_data),
             "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,
             "fingerprint": data.fingerprint}  # what a checkpoint of a run on this data records
     path = os.path.join(directory, "manifest.json")
@@ -169,12 +166,13 @@ def build(cfg: ml_collections.ConfigDict, family: Family, directory: str, batch:
 
 
 class CachedData(pipeline.Data):
-    """The data of `cfg` read from its cache: same records, same order, same batches'
+    """The data of `config.data` (`d`) read from its cache: same records, same order, same batches'
     images; encodings instead of tokens."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, family: Family, directory: str):
-        super().__init__(cfg.seed, cfg.train.global_batch)
-        check_cacheable(cfg)
+    def __init__(self, d: ml_collections.ConfigDict, seed: int, global_batch: int, family: Family | None,
+                 directory: str, train_text_encoder: bool = False):
+        super().__init__(d, seed, global_batch)
+        check_cacheable(d, train_text_encoder)
         path = os.path.join(directory, "manifest.json")
         if not os.path.exists(path):
             raise ConfigError(f"config.data.cache = {directory!r}: no cache there; build it with "
@@ -188,7 +186,7 @@ class CachedData(pipeline.Data):
             problems.append("it was built with other text-encoder weights")
         if not os.path.exists(os.path.join(directory, NULLS)):
             problems.append(f"it has no {NULLS}")
-        source = json.loads(json.dumps(_source_of(cfg), default=_json_default))
+        source = json.loads(json.dumps(_source_of(d), default=_json_default))
         changed = [k for k in source if source[k] != m["source"].get(k)]
         if changed:
             problems.append("config.data fields differ: " + ", ".join(
@@ -199,8 +197,8 @@ class CachedData(pipeline.Data):
         if problems:
             raise ConfigError(f"cannot train from the cache in {directory}: " + "; ".join(problems))
         stale = [r[1] for r in m["records"] if len(r) > 2 and not _unchanged(r)]
-        if cfg.data.source in ("shards", "hf") and m["records"] and _digest(cfg) != m["records"][0][1]:
-            stale = [f"the {cfg.data.source} source {cfg.data.path}"]
+        if d.source in ("shards", "hf") and m["records"] and _digest(d) != m["records"][0][1]:
+            stale = [f"the {d.source} source {d.path}"]
         if stale:
             raise ConfigError(f"{len(stale)} cached images changed on disk since the cache was built "
                               f"(e.g. {stale[0]}); rebuild it with `jaxcond cache`")
@@ -210,8 +208,8 @@ class CachedData(pipeline.Data):
         self.bucket_shapes = tuple(tuple(s) for s in m["bucket_shapes"])
         # Validation prompts and scoring come from the source: the demo's held-out
         # combinations, or config.data.eval_prompts / the first captions.
-        self._demo = pipeline.DemoEval(cfg) if cfg.data.source == "demo" else None
-        self._captions = list(cfg.data.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2] or [""]
+        self._demo = pipeline.DemoEval(d) if d.source == "demo" else None
+        self._captions = list(d.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2] or [""]
         self.chunk = m["chunk"]
         self.arrays = {}
         for name in m["fields"]:
@@ -254,14 +252,8 @@ class CachedData(pipeline.Data):
         return self._demo.chance(captions) if self._demo is not None else None
 
 
-def _digest(cfg: ml_collections.ConfigDict) -> str:
-    if cfg.data.source == "shards":
-        from jaxcond.data.shards import index_digest
-
-        return index_digest(cfg.data.path)
-    from jaxcond.data.hf import open_dataset
-
-    return open_dataset(cfg)._fingerprint
+def _digest(d: ml_collections.ConfigDict) -> str:
+    return shards.index_digest(d.path) if d.source == "shards" else hf.open_dataset(d)._fingerprint
 
 
 def _unchanged(record: list) -> bool:

@@ -15,13 +15,13 @@ import ml_collections
 from jaxcond.data import files, pipeline
 
 
-def open_dataset(cfg: ml_collections.ConfigDict):
+def open_dataset(d: ml_collections.ConfigDict):
+    """The `datasets` table of `config.data` (`d`), images as encoded bytes."""
     try:
         import datasets
     except ImportError:
         raise files.DataError("data.source=hf needs the datasets package: "
                               "pip install 'jaxcond[hf]' (or JAXCOND_EXTRA=hf)") from None
-    d = cfg.data
     if os.path.isdir(d.path):
         ds = datasets.load_from_disk(d.path)
         if isinstance(ds, datasets.DatasetDict):
@@ -40,9 +40,9 @@ def open_dataset(cfg: ml_collections.ConfigDict):
 class HFData(pipeline.FileData):
     """FileData whose records are the rows of a `datasets` dataset."""
 
-    def _load(self, cfg: ml_collections.ConfigDict) -> tuple[list[files.Record], list[tuple[int, int]]]:
-        d = cfg.data
-        self.dataset = open_dataset(cfg)
+    def _load(self) -> tuple[list[files.Record], list[tuple[int, int]]]:
+        d = self.cfg_data
+        self.dataset = open_dataset(d)
         self.source_digest = self.dataset._fingerprint  # datasets' content hash of this table
         kept, sizes, self.rows = [], [], []
         for row_id, row in enumerate(self.dataset):

@@ -1,8 +1,10 @@
 """Training data as the loop sees it: per step, this process's rows of the global batch.
 
-Two sources behind one interface (`Data`): the built-in demo (in memory) and image files
-(a folder with .txt captions, or metadata.jsonl/csv). Everything a batch holds is a pure
-function of (config, step, record id): the order (`jaxcond.data.order`), the crop and
+The interface (`Data`) and its two base sources: the built-in demo (in memory) and image
+files (a folder with .txt captions, or metadata.jsonl/csv); shards, `datasets` tables and
+the cache build on them, and `jaxcond.data.sources.make_data` picks one. A source gets
+`config.data` plus the run's seed and global batch, nothing else of the config.
+Everything a batch holds is a pure function of (config.data, seed, step, record id): the order (`jaxcond.data.order`), the crop and
 flip, the caption augmentation. So a resumed run, another host or a worker thread
 produces the same batch, and the loader's only state is the step the checkpoint holds.
 
@@ -17,7 +19,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxcond.data import captions as captions_lib, demo as demo_data, files, order
+from jaxcond.data import captions as captions_lib, demo as demo_data, demo_score, files, order
 from jaxcond.models.family import Family
 
 log = logging.getLogger("jaxcond")
@@ -41,8 +42,9 @@ class Data(abc.ABC):
     #: (height, width) of each bucket.
     bucket_shapes: tuple[tuple[int, int], ...]
 
-    def __init__(self, seed: int, global_batch: int):
-        self.seed, self.global_batch = seed, global_batch
+    def __init__(self, d: ml_collections.ConfigDict, seed: int, global_batch: int):
+        """`d`: config.data; `seed`: the run's (config.seed), which keys the order."""
+        self.cfg_data, self.seed, self.global_batch = d, seed, global_batch
         self._epochs: dict[int, tuple] = {}  # the last epochs' batch lists (loader threads share it)
 
     @functools.cached_property
@@ -107,8 +109,8 @@ def micro_conditioning(original: tuple[int, int], crop_top_left: tuple[int, int]
 class DemoEval:
     """Validation of the demo: held-out captions, scored from pixels (no data needed)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict):
-        self.train_combos, heldout = demo_data.split_combinations(cfg.data.heldout_fraction, cfg.data.seed)
+    def __init__(self, d: ml_collections.ConfigDict):
+        self.train_combos, heldout = demo_data.split_combinations(d.heldout_fraction, d.seed)
         # Held-out combinations test composition; without any, sample seen ones.
         self.pool = heldout or self.train_combos
 
@@ -116,19 +118,18 @@ class DemoEval:
         return [demo_data.caption(self.pool[i % len(self.pool)]) for i in range(n)]
 
     def score(self, images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
-        return demo_data.adherence(images, [demo_data.parse_caption(c) for c in captions])
+        return demo_score.adherence(images, [demo_data.parse_caption(c) for c in captions])
 
     def chance(self, captions: Sequence[str]) -> dict[str, float]:
-        return demo_data.chance_adherence([demo_data.parse_caption(c) for c in captions])
+        return demo_score.chance_adherence([demo_data.parse_caption(c) for c in captions])
 
 
 class DemoData(DemoEval, Data):
     """The procedural shapes (jaxcond.data.demo), materialised once in memory."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, family: Family | None):
-        Data.__init__(self, cfg.seed, cfg.train.global_batch)
-        DemoEval.__init__(self, cfg)
-        d = cfg.data
+    def __init__(self, d: ml_collections.ConfigDict, seed: int, global_batch: int, family: Family | None):
+        Data.__init__(self, d, seed, global_batch)
+        DemoEval.__init__(self, d)
         self.images, caps = demo_data.DemoDataset(d.num_records, d.resolution, d.seed,
                                                   self.train_combos).materialize()
         self.tokens = family.tokenize(caps) if family is not None else None  # None: order only
@@ -150,12 +151,15 @@ class FileData(Data):
     #: plain files, which are identified one by one (path, size, mtime).
     source_digest: str | None = None
 
-    def __init__(self, cfg: ml_collections.ConfigDict, family: Family | None):
-        super().__init__(cfg.seed, cfg.train.global_batch)
-        d = self.cfg_data = cfg.data
+    def __init__(self, d: ml_collections.ConfigDict, seed: int, global_batch: int, family: Family | None,
+                 workers: int = 1):
+        """`family` None: records and order only (no tokens); `workers` threads check the
+        images at start."""
+        super().__init__(d, seed, global_batch)
+        self.workers = workers
         self.family, self.report = family, files.Report()
         self.bucket_shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
-        self.records, self.sizes = self._load(cfg)
+        self.records, self.sizes = self._load()
         if family is not None:
             self._count_overlong()
         self.buckets = tuple(files.nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
@@ -177,10 +181,10 @@ class FileData(Data):
             raise files.DataError(f"no bucket holds a full global batch of {self.global_batch} "
                                   f"(bucket counts {counts.tolist()}); use fewer buckets or a smaller batch")
 
-    def _load(self, cfg: ml_collections.ConfigDict) -> tuple[list[files.Record], list[tuple[int, int]]]:
+    def _load(self) -> tuple[list[files.Record], list[tuple[int, int]]]:
         """Scans the source and decodes every image once (so no bad file surfaces mid-epoch);
         returns the usable records, renumbered, and their (height, width)."""
-        d = cfg.data
+        d = self.cfg_data
         policy = dict(missing_caption=d.missing_caption, empty_caption=d.empty_caption)
         if d.source == "folder":
             records = files.scan_folder(d.path, self.report, caption_extension=d.caption_extension, **policy)
@@ -191,7 +195,7 @@ class FileData(Data):
             return files.decode(r.path, list(self.bucket_shapes), self.report, too_small=d.too_small)
 
         kept, sizes = [], []
-        with ThreadPoolExecutor(max(1, cfg.loader.workers)) as pool:
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
             for r, dec in tqdm.tqdm(zip(records, pool.map(check, records)), total=len(records),
                                     desc="checking images", unit="img", disable=len(records) < 1000):
                 if dec is not None:
@@ -245,27 +249,6 @@ class FileData(Data):
     def eval_captions(self, n: int) -> list[str]:
         prompts = list(self.cfg_data.eval_prompts) or [r.caption for r in self.records[:n]]
         return [prompts[i % len(prompts)] for i in range(n)]
-
-
-def make_data(cfg: ml_collections.ConfigDict, family: Family | None, use_cache: bool = True) -> Data:
-    """The training data of `cfg`: from config.data.cache when set (and `use_cache`)."""
-    if cfg.data.cache and use_cache:
-        from jaxcond.data.cache import CachedData
-
-        return CachedData(cfg, family, cfg.data.cache)
-    if cfg.data.source == "demo":
-        return DemoData(cfg, family)
-    if cfg.data.source != "hf" and not os.path.exists(cfg.data.path):  # hf: maybe a hub id
-        raise files.DataError(f"config.data.path = {cfg.data.path!r} does not exist")
-    if cfg.data.source == "shards":
-        from jaxcond.data.shards import ShardData
-
-        return ShardData(cfg, family)
-    if cfg.data.source == "hf":
-        from jaxcond.data.hf import HFData
-
-        return HFData(cfg, family)
-    return FileData(cfg, family)
 
 
 class Prefetcher:

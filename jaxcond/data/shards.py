@@ -16,24 +16,23 @@ import hashlib
 import json
 import os
 
-import ml_collections
 import numpy as np
 import tqdm
 
-from jaxcond.config import make_output_dir
 from jaxcond.data import files, pipeline
 
 INDEX = "index.json"
 
 
-def write(cfg: ml_collections.ConfigDict, out: str, num_shards: int) -> dict:
-    """Writes the shards and index of `cfg`'s file source; returns the index."""
+SOURCES = ("folder", "metadata", "hf")  # what shards are written from
+
+
+def write(data: pipeline.FileData, out: str, num_shards: int) -> dict:
+    """Writes the shards and index of a file source's usable records into `out`, a folder
+    made and checked before `data` scanned its source (`jaxcond.data.sources`); returns
+    the index."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    if cfg.data.source not in ("folder", "metadata", "hf"):
-        raise files.DataError(f"shards are written from a folder, metadata or hf source, not {cfg.data.source!r}")
-    make_output_dir(out, "--shards_out")  # before the scan, which can take hours
-    data = pipeline.make_data(cfg, None, use_cache=False)
     names = [f"shard-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
     bounds = np.linspace(0, data.num_records, num_shards + 1).astype(int)
     for k, name in enumerate(tqdm.tqdm(names, desc="writing shards", unit="shard")):
@@ -46,7 +45,7 @@ def write(cfg: ml_collections.ConfigDict, out: str, num_shards: int) -> dict:
             writer.write(json.dumps({"caption": r.caption, "name": r.path}).encode() + b"\n" + image)
         writer.close()
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    index = {"shards": names, "sizes": [list(s) for s in data.sizes], "source": cfg.data.path,
+    index = {"shards": names, "sizes": [list(s) for s in data.sizes], "source": data.cfg_data.path,
              "report": dict(data.report.counts)}
     with open(os.path.join(out, INDEX), "w") as f:
         json.dump(index, f)
@@ -62,25 +61,26 @@ def index_digest(directory: str) -> str:
 class ShardData(pipeline.FileData):
     """FileData read from shards: same buckets, crops, flips and captions per record id."""
 
-    def _load(self, cfg: ml_collections.ConfigDict) -> tuple[list[files.Record], list[tuple[int, int]]]:
+    def _load(self) -> tuple[list[files.Record], list[tuple[int, int]]]:
         import grain
 
-        path = os.path.join(cfg.data.path, INDEX)
+        d = self.cfg_data
+        path = os.path.join(d.path, INDEX)
         if not os.path.exists(path):
-            raise files.DataError(f"config.data.path = {cfg.data.path!r} has no {INDEX}; write shards "
+            raise files.DataError(f"config.data.path = {d.path!r} has no {INDEX}; write shards "
                                   "with `jaxcond shards --config ... --shards_out DIR` first")
         with open(path, "rb") as f:
             index = json.load(f)
-        self.source_digest = index_digest(cfg.data.path)
+        self.source_digest = index_digest(d.path)
         self.source = grain.sources.ArrayRecordDataSource(
-            [os.path.join(cfg.data.path, s) for s in index["shards"]])
+            [os.path.join(d.path, s) for s in index["shards"]])
         if len(self.source) != len(index["sizes"]):
-            raise files.DataError(f"{cfg.data.path}: the shards hold {len(self.source)} records but "
+            raise files.DataError(f"{d.path}: the shards hold {len(self.source)} records but "
                                   f"{INDEX} lists {len(index['sizes'])}; rewrite them")
         for what, n in index["report"].items():  # the checks ran when the shards were written
             self.report.counts[what] = n
             self.report.examples.setdefault(what, [])
-        records = [files.Record(i, f"{cfg.data.path}#{i}", "") for i in range(len(self.source))]
+        records = [files.Record(i, f"{d.path}#{i}", "") for i in range(len(self.source))]
         return records, [tuple(s) for s in index["sizes"]]
 
     def _count_overlong(self) -> None:

@@ -1,4 +1,8 @@
-"""Builds the demo's tiny pretrained-model folder locally (no hub, no download).
+"""The demo's family: a tiny UNet + CLIP whose "pretrained" folder is built locally.
+
+No hub, no download: `model.source = "demo"` builds the folder into
+`<workdir>/base_model` from `config.model.demo` (once per run directory); any other
+source loads that folder, e.g. an earlier build.
 
 The folder has the diffusers layout (`unet/`, `text_encoder/`, `tokenizer/`, and with two
 text encoders SDXL's `text_encoder_2/`, `tokenizer_2/`) and is
@@ -16,9 +20,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 
+from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.data import demo as demo_data
+from jaxcond.models.unet_clip import UNetCLIP, _quiet_deprecations
 
 
 def _learn_bpe(words: Iterable[str]) -> list[tuple[str, str]]:
@@ -87,8 +95,6 @@ def _init(model: Any, seed: int, *shape: tuple[int, ...]) -> Any:
 
 def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int) -> None:
     """Writes a randomly initialised tiny model folder described by `cfg` (config.model.demo)."""
-    from jaxcond.models.unet_clip import _quiet_deprecations
-
     _quiet_deprecations()
     from diffusers import FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
@@ -137,3 +143,59 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
         cross_attention_dim=cfg.text_width * cfg.text_encoders,  # the encoders' features, concatenated
         **added)
     unet.save_pretrained(os.path.join(path, "unet"), params=_init(unet, seed))
+
+
+class Demo(UNetCLIP):
+    """The demo model: `UNetCLIP` loaded from the folder `build` writes."""
+
+    @classmethod
+    def check_config(cls, model: ml_collections.ConfigDict) -> None:
+        super().check_config(model)
+        if model.source != "demo":  # an earlier build: its folder describes it
+            return
+        m = model.demo
+        # diffusers' Flax UNet normalises with 32 groups.
+        check(all(ch % 32 == 0 for ch in m.unet_channels), "model.demo.unet_channels",
+              m.unet_channels, "every width must be a multiple of 32")
+        check(1 <= m.cross_attention_levels <= len(m.unet_channels), "model.demo.cross_attention_levels",
+              m.cross_attention_levels, f"must be in [1, {len(m.unet_channels)}] (the number of UNet levels)")
+        for name in ("layers_per_block", "attention_heads", "time_embed_dim", "text_width", "text_layers",
+                     "text_heads", "max_length"):
+            int_at_least(f"model.demo.{name}", m[name], 1)
+        attended = m.unet_channels[len(m.unet_channels) - m.cross_attention_levels:]
+        check(all(ch % m.attention_heads == 0 for ch in attended), "model.demo.attention_heads",
+              m.attention_heads, f"must divide the widths of the cross-attention levels {tuple(attended)}")
+        one_of("model.demo.text_encoders", m.text_encoders, (1, 2))
+        check(m.pooled or m.text_encoders == 1, "model.demo.pooled", m.pooled,
+              "two text encoders (SDXL) need the pooled text_time embedding")
+        check(m.text_width % m.text_heads == 0, "model.demo.text_width", m.text_width,
+              f"must be divisible by config.model.demo.text_heads = {m.text_heads}")
+        check(all(ch % 32 == 0 for ch in m.vae_channels), "model.demo.vae_channels",
+              m.vae_channels, "every width must be a multiple of 32")
+
+    @classmethod
+    def config_size_multiple(cls, model: ml_collections.ConfigDict) -> int | None:
+        """The model `build` makes: halved per UNet level and per extra VAE level."""
+        if model.source != "demo":
+            return None
+        m = model.demo
+        return 2 ** (len(m.unet_channels) - 1 + max(len(m.vae_channels) - 1, 0))
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
+                    resolution: int) -> UNetCLIP:
+        path = model.source
+        if path == "demo":
+            if not workdir:
+                raise ConfigError("config.model.source = 'demo' builds the demo model into the run directory: "
+                                  "pass --workdir (where the demo model is)")
+            path = os.path.join(workdir, "base_model")
+            if jax.process_index() == 0 and not os.path.isdir(os.path.join(path, "unet")):
+                build(path, model.demo, resolution, model.demo.init_seed)
+            if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
+                multihost_utils.sync_global_devices("jaxcond: demo model built")
+        return cls(path, dtype=dtype, clip_skip=model.clip_skip, train_text_encoder=model.train_text_encoder,
+                   base=model.base)
+
+
+FAMILY = Demo

@@ -1,5 +1,12 @@
 """The one interface between the trainer and any model.
 
+A family is one module under `jaxcond/models/` (or any importable module) defining
+`FAMILY`, its `Family` subclass; `config.model.family` names the module
+(`jaxcond.models.registry`). The family builds itself from `config.model`
+(`from_config`), checks its own fields (`check_config`) and knows how it is exported
+(`save`, `pipeline_index`, `save_single_file`, `export_manifest`): nothing else in
+jaxcond names a concrete family.
+
 A family owns everything model-specific: tokenizing captions (on the host), encoding
 them into named conditioners, mapping images to the diffusion space (pixels or VAE
 latents) and back, and the denoiser. The train step and sampler only see this
@@ -19,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 Params = Any
@@ -40,6 +49,24 @@ class Family(abc.ABC):
 
     #: Tokens per caption, start and end included; `tokenize` cuts longer captions.
     max_length: int
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
+                    resolution: int) -> Family:
+        """The family of `config.model` (`model`), computing in `dtype`. `workdir` is the run
+        directory (a family built locally may keep its files there); `resolution` the
+        training image side. Every family the registry serves defines it."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
+
+    @classmethod
+    def check_config(cls, model: ml_collections.ConfigDict) -> None:
+        """Raises ConfigError for a bad field of `config.model`, before anything loads."""
+
+    @classmethod
+    def config_size_multiple(cls, model: ml_collections.ConfigDict) -> int | None:
+        """`size_multiple` as known from the config alone, so bad image sizes are refused
+        before loading; None when only the loaded model knows it."""
+        return None
 
     @abc.abstractmethod
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
@@ -79,6 +106,23 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def save(self, path: str, trainable: Params) -> None:
         """Writes the model with these trainable params where its usual tools load it."""
+
+    def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:
+        """The `model_index.json` of the exported folder (the diffusers pipeline that loads
+        it), or None when no diffusers pipeline runs this model."""
+        return None
+
+    def single_file_refusal(self) -> str | None:
+        """Why `save_single_file` cannot write this model (None: it can)."""
+        return "this model family has no single-file layout; export without --single_file"
+
+    def save_single_file(self, path: str, trainable: Params) -> None:
+        """Writes the model with these trainable params as one `.safetensors` file."""
+        raise NotImplementedError(f"{type(self).__name__} has no single-file layout")
+
+    def export_manifest(self) -> dict:
+        """Family-specific settings an exported model must be used with (jaxcond.json)."""
+        return {}
 
     #: True when samples live in a VAE's latent space: x0 is then drawn, in the step, from
     #: the encoder's distribution, and a cache stores that distribution, not pixels.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcond.models import convert
+from jaxcond.models import convert, single_file as sf
 
 # (Flax weights file, stem of the PyTorch weights files) per library.
 _FILES = {"diffusers": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
@@ -134,8 +134,6 @@ def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | N
 def single_file(path: str, base: str) -> tuple[str, dict[str, dict]]:
     """An original-layout checkpoint: the folder of `base` (configs, tokenizers) and the
     file's tensors per diffusers part (`jaxcond.models.single_file`)."""
-    from jaxcond.models import single_file as sf
-
     folder = resolve(base, weights=False)
     configs = {}
     for sub in ("unet", "vae", "text_encoder_2"):

@@ -20,11 +20,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from jaxcond.config import ConfigError
+from jaxcond.checks import ConfigError, check, int_at_least
 from jaxcond.models import convert, load, single_file
 from jaxcond.models.family import Family, Params
+
+
+DIFFUSERS_VERSION = "0.39.0"  # written into exported configs: the release these layouts are from
 
 
 def _quiet_deprecations() -> None:
@@ -139,6 +143,21 @@ class UNetCLIP(Family):
         self.image_size = ucfg.sample_size * vae_factor
         self.size_multiple = vae_factor * 2 ** (len(ucfg.block_out_channels) - 1)
 
+    @classmethod
+    def check_config(cls, model: ml_collections.ConfigDict) -> None:
+        int_at_least("model.clip_skip", model.clip_skip, 1)
+        check(not model.source.endswith(".safetensors") or bool(model.base), "model.base",
+              model.base, "a single-file model.source carries no config: name a diffusers folder or hub id "
+              "of its family, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5")
+        check(isinstance(model.train_text_encoder, bool), "model.train_text_encoder",
+              model.train_text_encoder, "must be True or False")
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
+                    resolution: int) -> UNetCLIP:
+        return cls(model.source, dtype=dtype, clip_skip=model.clip_skip,
+                   train_text_encoder=model.train_text_encoder, base=model.base)
+
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         ids = [t(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
                  return_tensors="np").input_ids.astype(np.int32) for t in self.tokenizers]
@@ -235,6 +254,33 @@ class UNetCLIP(Family):
         for i, tok in enumerate(self.tokenizers):
             tok.save_pretrained(os.path.join(path, "tokenizer" if i == 0 else "tokenizer_2"))
 
+    def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:
+        """Stable Diffusion (XL)'s pipeline; a pixel-space model has no diffusers pipeline."""
+        if not self.latent:
+            return None
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "scheduler": ["diffusers", "DDIMScheduler"]}
+        if len(self.encoders) == 2:
+            index.update({"_class_name": "StableDiffusionXLPipeline",
+                          "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                          "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                          "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt})
+        else:
+            index.update({"safety_checker": [None, None], "feature_extractor": [None, None],
+                          "requires_safety_checker": False})
+        return index
+
+    def export_manifest(self) -> dict:
+        return {"clip_skip": self.clip_skip}
+
+    def single_file_refusal(self) -> str | None:
+        if self.latent:
+            return None
+        return ("the original single-file layout holds a VAE, and this model is pixel-space; "
+                "export without --single_file")
+
     def save_single_file(self, path: str, trainable: Params) -> None:
         """One `.safetensors` in the original SD 1.x / SDXL layout (latent models only)."""
         if not self.latent:
@@ -243,3 +289,6 @@ class UNetCLIP(Family):
         parts = {sub: convert.to_pytorch(params[sub]) for sub in ["unet", "vae", *self.encoders]}
         configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config)}
         convert.write_safetensors(path, single_file.from_parts(parts, configs), metadata={"format": "pt"})
+
+
+FAMILY = UNetCLIP

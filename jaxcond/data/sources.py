@@ -1,0 +1,111 @@
+"""The one entry point of the data layer: which source `config.data` names, its checks,
+and the commands that write a source in another form (`jaxcond cache`, `jaxcond shards`).
+
+A source gets `config.data` plus the run's seed and global batch (and how many threads
+may check images), never the whole config, as the train step gets its `StepSpec`.
+
+Sources (`data.source`): `demo` (the procedural shapes, in memory), `folder` (images with
+same-named caption files), `metadata` (a metadata.jsonl/.csv), `shards` (ArrayRecord
+shards written by `jaxcond shards`), `hf` (a Hugging Face `datasets` table); any of them
+read from a cache written by `jaxcond cache` when `data.cache` is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from jaxcond.checks import check, in_unit_interval, int_at_least, one_of
+from jaxcond.data import cache, demo as demo_data, files, hf, pipeline, shards
+from jaxcond.models.family import Family
+from jaxcond.outputs import make_output_dir
+
+SOURCES = ("demo", "folder", "metadata", "shards", "hf")
+_WHAT = {"folder": "folder of images and .txt captions", "metadata": "metadata.jsonl/.csv file or its folder",
+         "shards": "folder written by jaxcond shards", "hf": "datasets folder (save_to_disk) or hub id"}
+
+
+def validate(d: ml_collections.ConfigDict, loader: ml_collections.ConfigDict, *, global_batch: int,
+             train_text_encoder: bool) -> None:
+    """Checks `config.data` (`d`) and `config.loader`."""
+    one_of("data.source", d.source, SOURCES)
+    int_at_least("data.resolution", d.resolution, 8)
+    if d.source == "demo":
+        int_at_least("data.num_records", d.num_records, 1)
+        check(d.num_records >= global_batch, "data.num_records", d.num_records,
+              f"must be at least one global batch ({global_batch})")
+        try:
+            demo_data.split_combinations(d.heldout_fraction, d.seed)
+        except ValueError as e:
+            check(False, "data.heldout_fraction", d.heldout_fraction, str(e))
+    else:
+        check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the {_WHAT[d.source]}")
+        for b in d.buckets:
+            check(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b),
+                  "data.buckets", d.buckets, "each bucket is (height, width) in pixels, both integers >= 8; "
+                  "one bucket is written ((h, w),)")
+        one_of("data.crop", d.crop, ("center", "random"))
+        check(d.caption_extension.startswith(".") and len(d.caption_extension) > 1
+              and os.sep not in d.caption_extension, "data.caption_extension", d.caption_extension,
+              "a file extension with its dot, e.g. .txt or .caption")
+        one_of("data.missing_caption", d.missing_caption, ("skip", "empty"))
+        one_of("data.empty_caption", d.empty_caption, ("keep", "skip"))
+        one_of("data.too_small", d.too_small, ("upscale", "skip"))
+        int_at_least("data.keep_tokens", d.keep_tokens, 0)
+        in_unit_interval("data.tag_dropout", d.tag_dropout)
+    if d.cache:
+        cache.check_cacheable(d, train_text_encoder)
+    int_at_least("loader.workers", loader.workers, 1)
+    int_at_least("loader.prefetch", loader.prefetch, 1)
+    int_at_least("loader.processes", loader.processes, 0)
+
+
+def check_image_sizes(d: ml_collections.ConfigDict, multiple: int) -> None:
+    """Raises ConfigError unless every image size the data yields (config.data.buckets, or
+    resolution x resolution) is a multiple of `multiple`, a model's Family.size_multiple:
+    other sizes fail deep inside the UNet, where down- and up-sampled features meet."""
+    why = f"this model downsamples images {multiple}x (VAE and UNet levels)"
+    if d.source != "demo" and d.buckets:
+        bad = [tuple(b) for b in d.buckets if b[0] % multiple or b[1] % multiple]
+        check(not bad, "data.buckets", d.buckets,
+              f"{bad} not multiples of {multiple}: {why}, so heights and widths must be multiples of it")
+    else:
+        check(d.resolution % multiple == 0, "data.resolution", d.resolution,
+              f"must be a multiple of {multiple}: {why}")
+
+
+def make_data(d: ml_collections.ConfigDict, seed: int, global_batch: int, family: Family | None, *,
+              workers: int = 1, train_text_encoder: bool = False, use_cache: bool = True) -> pipeline.Data:
+    """The training data of `config.data` (`d`) for a run of `seed` and `global_batch`:
+    from `d.cache` when set (and `use_cache`). `family` None gives the records and their
+    order without tokens (what `jaxcond masks` and `jaxcond shards` need)."""
+    if d.cache and use_cache:
+        return cache.CachedData(d, seed, global_batch, family, d.cache, train_text_encoder)
+    if d.source == "demo":
+        return pipeline.DemoData(d, seed, global_batch, family)
+    if d.source != "hf" and not os.path.exists(d.path):  # hf: maybe a hub id
+        raise files.DataError(f"config.data.path = {d.path!r} does not exist")
+    cls = {"shards": shards.ShardData, "hf": hf.HFData}.get(d.source, pipeline.FileData)
+    return cls(d, seed, global_batch, family, workers)
+
+
+def write_shards(d: ml_collections.ConfigDict, seed: int, global_batch: int, out: str, num_shards: int, *,
+                 workers: int = 1) -> dict:
+    """`jaxcond shards`: the usable records of a file source as ArrayRecord shards in `out`;
+    returns the index."""
+    if d.source not in shards.SOURCES:
+        raise files.DataError(f"shards are written from a folder, metadata or hf source, not {d.source!r}")
+    make_output_dir(out, "--shards_out")  # before the scan, which can take hours
+    return shards.write(make_data(d, seed, global_batch, None, workers=workers, use_cache=False), out, num_shards)
+
+
+def build_cache(d: ml_collections.ConfigDict, seed: int, global_batch: int, family: Family, directory: str, *,
+                workers: int = 1, train_text_encoder: bool = False) -> dict:
+    """`jaxcond cache`: writes (or completes) the cache of `d`'s source in `directory`;
+    returns its manifest."""
+    cache.check_cacheable(d, train_text_encoder)
+    check_image_sizes(d, family.size_multiple)
+    make_output_dir(directory, "config.data.cache")
+    return cache.build(make_data(d, seed, global_batch, family, workers=workers, use_cache=False), family,
+                       directory)

@@ -1,0 +1,107 @@
+"""Process 0's record of a run: TensorBoard scalars and images, metrics.jsonl, masks.jsonl,
+sample PNGs and the adherence summary. Other processes log nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter
+
+from jaxcond import distributed, masks as masks_lib
+from jaxcond.data.pipeline import Data
+from jaxcond.train_step import StepSpec
+
+
+def format_scores(scores: dict[str, dict[str, float]]) -> str:
+    keys = ("background", "color", "shape", "all")
+    lines = [f"{'':>8} " + " ".join(f"{k:>10}" for k in keys)]
+    lines += [f"{n:>8} " + " ".join(f"{v[k]:>10.2f}" for k in keys) for n, v in scores.items()]
+    return "\n".join(lines)
+
+
+def truncate_jsonl(path: str, keep: Any) -> None:
+    """Keeps the records `keep` accepts; a torn last line (killed mid-write) goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if keep(json.loads(line)):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                pass
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class RunLog:
+    """Process 0's record of the run: TensorBoard, metrics.jsonl, masks.jsonl, images.
+
+    The masks of every step are kept on device and fetched in bulk at log time, so logging
+    them costs no per-step host synchronisation. Other processes get a RunLog that writes
+    nothing.
+    """
+
+    def __init__(self, workdir: str, start: int, spec: StepSpec, data: Data):
+        """Logs the run in `workdir` from step `start` on: `spec` names its groups and batch,
+        `data` the record ids of each step's batch."""
+        self.spec, self.data, self.workdir, self.active = spec, data, workdir, distributed.is_main_process()
+        self.pending: list[tuple[int, dict[str, jax.Array], dict[str, jax.Array]]] = []
+        self.last_t, self.last_step = time.perf_counter(), start
+        self.writer = SummaryWriter(os.path.join(workdir, "tb")) if self.active else None
+        if self.active:
+            # Steps after the restored checkpoint will run again: drop their old lines.
+            truncate_jsonl(os.path.join(workdir, "masks.jsonl"), lambda r: r["step"] < start)
+            truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda r: r["step"] <= start)
+
+    def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        groups = [g.name for g in self.spec.groups if f"dropped/{g.name}" in metrics]
+        self.pending.append((step, {g: metrics[f"dropped/{g}"] for g in groups},
+                             {g: metrics[f"drop_rate/{g}"] for g in groups}))
+
+    def flush(self, done: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        """Writes the scalars of step `done` and the masks of every step since the last flush."""
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if not k.startswith("dropped/")}
+        now = time.perf_counter()
+        scalars["step_time"] = (now - self.last_t) / (done - self.last_step)
+        scalars["examples_per_s"] = self.spec.global_batch / scalars["step_time"]
+        self.last_t, self.last_step = now, done
+        pending, self.pending = jax.device_get(self.pending), []
+        if self.active:
+            spe = self.spec.steps_per_epoch
+            with open(os.path.join(self.workdir, "masks.jsonl"), "a") as f:
+                for step, masks, rates in pending:
+                    record = masks_lib.to_record(step, spe, rates, masks, self.data.ids(step))
+                    f.write(json.dumps(record) + "\n")
+            with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": done, **scalars}) + "\n")
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, done)
+        return scalars
+
+    def samples(self, done: int, final: bool, grid: np.ndarray, scores: dict) -> None:
+        if not self.active:
+            return
+        self.writer.add_image("samples", grid, done, dataformats="HWC")
+        for col, s in scores.items():
+            for k, v in s.items():
+                self.writer.add_scalar(f"adherence/{col}/{k}", v, done)
+        name = "samples_final.png" if final else f"samples_{done:06d}.png"
+        Image.fromarray(grid).save(os.path.join(self.workdir, name))
+
+    def close(self, scores: dict) -> None:
+        if not self.active:
+            return
+        self.writer.close()
+        if scores:
+            with open(os.path.join(self.workdir, "adherence.json"), "w") as f:
+                json.dump(scores, f, indent=2)
+            print("caption adherence of held-out samples (fraction right):\n" + format_scores(scores))
+            print(f"samples: {os.path.join(self.workdir, 'samples_final.png')}")
