@@ -30,6 +30,7 @@ examples:
   jaxcond masks --config configs/demo.py --steps 0:3
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
   jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
+      [--model_source DIR]
   jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \\
       --steps 50 --seed 0 [--scheduler ddim|euler|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
   jaxcond verify --run runs/demo
@@ -47,6 +48,9 @@ _SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
 _OUT = flags.DEFINE_string("out", None, "export: output folder; sample: output PNG.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "export/sample: EMA or raw trainable weights.")
 _STEP = flags.DEFINE_integer("step", None, "export/sample: checkpoint step (default: the newest).")
+_MODEL_SOURCE = flags.DEFINE_string("model_source", None,
+                                    "export/sample/verify: where the run's base model (its config.model.source) "
+                                    "is now, if it moved since training.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat the flag for more rows).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None,
                                 "sample: its encoding replaces the trained nulls in the unconditional branch.")
@@ -140,7 +144,7 @@ def _export() -> None:
 
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR")
-    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value)
+    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value)
     print(f"exported step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
           f"nulls {m['nulls']}")
 
@@ -163,7 +167,7 @@ def _sample() -> None:
     xla.cpu_runtime()
     path = sample(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
-                    step=_STEP.value, out=_OUT.value)
+                    step=_STEP.value, out=_OUT.value, model_source=_MODEL_SOURCE.value)
     print(f"samples: {path}")
 
 
@@ -172,7 +176,7 @@ def _verify() -> None:
 
     if not _WORKDIR.value:
         raise app.UsageError("verify needs --run DIR (a run directory)")
-    problems = verify(_WORKDIR.value)
+    problems = verify(_WORKDIR.value, model_source=_MODEL_SOURCE.value)
     for p in problems:
         print(f"PROBLEM: {p}")
     if problems:

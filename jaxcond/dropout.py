@@ -20,7 +20,8 @@ order in which the data pipeline emits examples (see `jaxcond.data.order`). Cons
 A dropped conditioner is replaced by its *null*: `empty` (the encoding of the empty
 caption by the current text-encoder params), `zeros`, or `learned` (a trainable
 parameter initialised from the empty encoding). Dropout is a training-only operation:
-nothing in validation or sampling calls this module.
+validation and sampling never draw masks; their unconditional branch is what a training
+example saw with every group that training drops (`Group.drops`) dropped.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class Group:
     @property
     def id(self) -> int:
         return group_id(self.name)
+
+    @property
+    def drops(self) -> bool:
+        """Whether training ever drops this group (some step's rate is above 0). Only such
+        groups' nulls are trained, so only they are replaced in sampling's unconditional
+        branch; a group at rate 0 (SDXL's size conditioning) keeps its real values there."""
+        return self.rate > 0 or (self.schedule == "every_n_epochs" and self.epoch_rate > 0)
 
 
 def group_id(name: str) -> int:

@@ -31,18 +31,21 @@ def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
             "num_train_timesteps": d["num_train_timesteps"], "beta_schedule": d["beta_schedule"],
             "beta_start": d["beta_start"], "beta_end": d["beta_end"],
             "prediction_type": d["prediction_type"], "timestep_spacing": "trailing",
-            "set_alpha_to_one": False, "steps_offset": 0, "clip_sample": clip_sample,
+            # jaxcond's last step goes to alpha_bar 1 (the clean sample). "trailing" spacing
+            # ignores steps_offset; 1 keeps diffusers' pipelines from warning it is outdated.
+            "set_alpha_to_one": True, "steps_offset": 1, "clip_sample": clip_sample,
             "clip_sample_range": 1.0}
 
 
 def export(workdir: str, out: str, weights: str = "ema", step: int | None = None,
-           single_file: bool = False) -> dict:
+           single_file: bool = False, model_source: str | None = None) -> dict:
     """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest.
-    `single_file` adds `<out>/<name of out>.safetensors` in the original SD layout."""
+    `single_file` adds `<out>/<name of out>.safetensors` in the original SD layout;
+    `model_source` is where the run's base model is now, if it moved since training."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise ConfigError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
                           "choose a new or empty folder")
-    t = rundir.load_trained(workdir, step)
+    t = rundir.load_trained(workdir, step, model_source)
     params = jax.device_get(t.params(weights))
     refusal = t.family.single_file_refusal() if single_file else None
     if refusal:
@@ -53,9 +56,13 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     if single_file:
         name = os.path.basename(os.path.normpath(out)) + ".safetensors"
         t.family.save_single_file(os.path.join(out, name), params["model"])
-    nulls = dict(t.spec.nulls)
-    if params["nulls"]:
-        convert.write_safetensors(os.path.join(out, "nulls.safetensors"), params["nulls"])
+    # The unconditional branch replaces the conditioners of the groups training drops; the
+    # others (e.g. SDXL's size conditioning at rate 0) keep their real values.
+    dropped = {m for g in t.spec.groups if g.drops for m in g.members}
+    nulls = {c: kind for c, kind in t.spec.nulls if c in dropped}
+    learned = {c: v for c, v in params["nulls"].items() if c in nulls}
+    if learned:
+        convert.write_safetensors(os.path.join(out, "nulls.safetensors"), learned)
     text_nulls = [nulls[c] for c in nulls if c not in t.family.batch_conditioners]
     manifest = {
         "exported_from": os.path.abspath(workdir), "step": t.step, "weights": weights,
@@ -63,9 +70,11 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
         "dropout_groups": {g.name: {"members": list(g.members), "rate": g.rate, "schedule": g.schedule}
                            for g in t.spec.groups},
         # How the unconditional (negative) branch must be built to match training:
-        # empty = encode "", zeros = zero tensors, learned = the tensors in nulls.safetensors.
+        # empty = encode "", zeros = zero tensors, learned = the tensors in nulls.safetensors;
+        # conditioners not listed keep their conditional values there.
         "nulls": nulls,
-        "learned_nulls_file": "nulls.safetensors" if params["nulls"] else None,
+        "kept_in_unconditional": sorted(set(t.family.conditioners) - set(nulls)),
+        "learned_nulls_file": "nulls.safetensors" if learned else None,
         # diffusers' SDXL pipelines zero the unconditional embeddings when this is set.
         "force_zeros_for_empty_prompt": bool(text_nulls) and all(k == "zeros" for k in text_nulls),
         **t.family.export_manifest(),

@@ -42,8 +42,9 @@ class Trained:
         return self.state["ema" if weights == "ema" else "params"]
 
 
-def load_trained(workdir: str, step: int | None = None) -> Trained:
-    """The newest checkpoint of run `workdir` (or that of `step`), restored on one device."""
+def load_trained(workdir: str, step: int | None = None, model_source: str | None = None) -> Trained:
+    """The newest checkpoint of run `workdir` (or that of `step`), restored on one device.
+    `model_source` replaces the saved config.model.source: the base model moved."""
     # Read-only: a run still training may be writing into the same folder.
     ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
                                    async_save=False, read_only=True)
@@ -55,7 +56,13 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     if step not in steps:
         raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; it has steps {sorted(steps)}")
     cfg = ml_collections.ConfigDict(ckpts.saved_config(step))
-    family = load_family(cfg, workdir)
+    if model_source:
+        cfg.model.source = model_source
+    try:
+        family = load_family(cfg, workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (run {workdir} was trained from that base model; if it moved, pass "
+                                "--model_source=WHERE_IT_IS_NOW)") from None
     # steps_per_epoch only feeds dropout schedules, which nothing outside training evaluates.
     groups = dropout.groups_from_config(cfg.dropout, family.conditioners, family.batch_conditioners)
     spec = ts.StepSpec.from_config(cfg, groups, 1)

@@ -21,7 +21,7 @@ from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
 def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
              seed: int = 0, scheduler: str = "ddim", negative: str | None = None, weights: str = "ema",
-             step: int | None = None, out: str | None = None) -> str:
+             step: int | None = None, out: str | None = None, model_source: str | None = None) -> str:
     """Writes the grid of `prompts` (rows) x `guidance` (columns); returns its path."""
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt")
@@ -31,7 +31,7 @@ def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, s
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
     if out is not None and not out.lower().endswith(".png"):
         raise ConfigError(f"--out {out}: the grid is written as a PNG; give a path ending in .png")
-    t = rundir.load_trained(workdir, step)
+    t = rundir.load_trained(workdir, step, model_source)
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")

@@ -1,9 +1,11 @@
 """Sampling with classifier-free guidance; the unconditional branch uses the trained nulls.
 
 Never applies dropout: the conditional branch sees the real caption encodings, the
-unconditional branch has every conditioner of every dropout group replaced by its
-null, exactly the substitution a dropped training example got (or, with a negative
-prompt, that prompt's encoding, as diffusers' pipelines do).
+unconditional branch has every conditioner of every dropout group that training drops
+(rate above 0 at some step) replaced by its null, exactly the substitution a dropped
+training example got; a group at rate 0, such as SDXL's size and crop conditioning,
+keeps its real values, as diffusers' pipelines keep them. With a negative prompt, that
+prompt's encoding replaces the nulls, as diffusers' pipelines do.
 
 Schedulers, all on the same 'trailing' grid of training timesteps (the first step at
 the last training timestep, where v-prediction matters), deterministic from the seed:
@@ -58,12 +60,13 @@ def validate(s: ml_collections.ConfigDict) -> None:
 
 def unconditional(family: Family, spec: StepSpec, params: Params, frozen: Params,
                   cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """`cond` with all dropout groups dropped for every example."""
+    """`cond` as a training example saw it with every group that training drops dropped
+    (`dropout.Group.drops`); a group at rate 0 keeps its real values."""
     empty = empty_conditioning(family, {**frozen, **params["model"]})
     nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
     b = next(iter(cond.values())).shape[0]
-    everything = {g.name: jnp.ones((b,), bool) for g in spec.groups}
-    return dropout.apply(cond, nulls, everything, spec.groups)
+    groups = [g for g in spec.groups if g.drops]
+    return dropout.apply(cond, nulls, {g.name: jnp.ones((b,), bool) for g in groups}, groups)
 
 
 def trailing_timesteps(num_train: int, steps: int) -> jnp.ndarray:

@@ -47,7 +47,7 @@ def _ranges(steps: list[int]) -> str:
     return ", ".join(out)
 
 
-def verify(workdir: str, report: Callable[[str], None] = print) -> list[str]:
+def verify(workdir: str, report: Callable[[str], None] = print, model_source: str | None = None) -> list[str]:
     """Runs the checks, reporting each result line; returns the problems found (none: all good)."""
     problems: list[str] = []
     directory = os.path.join(workdir, "checkpoints")
@@ -76,7 +76,7 @@ def verify(workdir: str, report: Callable[[str], None] = print) -> list[str]:
                         "(seed, dropout spec or data changed mid-run, e.g. a resume with --allow_config_change)")
     report(f"masks: {len(checked) - len(wrong)} of {len(checked)} logged steps equal the re-derived ones")
 
-    run = rundir.load_trained(workdir, latest)
+    run = rundir.load_trained(workdir, latest, model_source)
     got = int(run.state["step"])
     finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(run.state)
                  if np.issubdtype(np.asarray(x).dtype, np.floating))

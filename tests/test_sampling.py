@@ -1,6 +1,7 @@
 """Schedulers (parity with diffusers' PyTorch schedulers on the same timesteps), negative
 prompts, and `jaxcond sample`."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from jaxcond import diffusion, dropout, sampling, sharding
+from jaxcond import diffusion, dropout, export as export_lib, sampling, sharding
 from jaxcond.sample import sample as sample_run
 from jaxcond.models.family import Family
 from jaxcond.train_step import StepSpec
@@ -66,7 +67,9 @@ def test_deterministic_schedulers_match_diffusers(name):
 
     common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                   timestep_spacing="trailing")
-    sched = {"ddim": lambda: DDIMScheduler(**common, set_alpha_to_one=True, clip_sample=False),
+    # DDIM as `jaxcond export` configures it for diffusers' pipelines.
+    exported = export_lib.scheduler_config(dataclasses.asdict(SCHEDULE), clip_sample=False)
+    sched = {"ddim": lambda: DDIMScheduler.from_config(exported),
              "euler": lambda: EulerDiscreteScheduler(**common, final_sigmas_type="zero"),
              "dpm++": lambda: DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                                           final_sigmas_type="zero")}[name]()

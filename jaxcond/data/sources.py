@@ -45,6 +45,15 @@ def validate(d: ml_collections.ConfigDict, loader: ml_collections.ConfigDict, *,
             check(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b),
                   "data.buckets", d.buckets, "each bucket is (height, width) in pixels, both integers >= 8; "
                   "one bucket is written ((h, w),)")
+        # With buckets the images are resized to them, not to resolution x resolution: a
+        # resolution the buckets do not follow (configs/sd15.py's 512 px buckets with
+        # --config.data.resolution=64) would be silently ignored.
+        r = d.resolution
+        off = [tuple(b) for b in d.buckets if not 0.5 <= b[0] * b[1] / r**2 <= 2]
+        check(not off, "data.buckets", d.buckets,
+              f"{off} are not about {r}x{r} pixels (config.data.resolution = {r}), which buckets replace: "
+              f"give buckets of about that area (e.g. --config.data.buckets='(({r}, {r}),)') or none "
+              "(--config.data.buckets='()' trains resolution x resolution)")
         one_of("data.crop", d.crop, ("center", "random"))
         check(d.caption_extension.startswith(".") and len(d.caption_extension) > 1
               and os.sep not in d.caption_extension, "data.caption_extension", d.caption_extension,
