@@ -3,7 +3,9 @@
 `data.path` is a folder written by `Dataset.save_to_disk` or, when online, a hub id
 (split `data.hf_split`). Images are read as their encoded bytes (`Image(decode=False)`)
 and go through the same checks, buckets, crops and captions as image files
-(jaxcond.data.files); rows are records in dataset order. Needs the `hf` extra.
+(jaxcond.data.files); rows are records in dataset order. A caption that is a list of
+strings is several captions (one per epoch); other types, and rows without an image, are
+skipped and counted. Needs the `hf` extra.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 
 import ml_collections
 
-from jaxcond.data import files, pipeline
+from jaxcond.data import captions, files, pipeline
 
 
 def open_dataset(d: ml_collections.ConfigDict):
@@ -47,21 +49,35 @@ class HFData(pipeline.FileData):
         kept, sizes, self.rows = [], [], []
         for row_id, row in enumerate(self.dataset):
             name = f"{d.path}[{row_id}]"
-            text = row[d.caption_column]
-            caption = files.caption_policy(None if text is None else str(text).strip(), name,
-                                           self.report, d.missing_caption, d.empty_caption)
+            try:
+                caption = captions.parse_caption(row[d.caption_column])
+            except TypeError:
+                self.report.add("skipped: dataset caption is not a string or list of strings", name)
+                continue
+            caption = captions.caption_policy(caption, name, self.report, d.missing_caption, d.empty_caption)
             if caption is None:
                 continue
-            image = row[d.image_column] or {}
-            dec = files.decode(name, list(self.bucket_shapes), self.report, too_small=d.too_small,
-                               data=image.get("bytes") or b"")
+            data, problem = _image_bytes(row[d.image_column])
+            if problem is not None:
+                self.report.add(f"skipped: {problem}", name)
+                continue
+            dec = pipeline.decode(name, list(self.bucket_shapes), self.report, too_small=d.too_small, data=data)
             if dec is not None:
                 kept.append(files.Record(len(kept), name, caption))
                 sizes.append(dec.original_size)
                 self.rows.append(row_id)
         return kept, sizes
 
-    def read(self, i: int) -> tuple[files.Record, bytes]:
-        row = self.dataset[self.rows[i]]
-        return self.records[i], row[self.cfg_data.image_column]["bytes"]
+    def read(self, i: int) -> tuple[files.Record, bytes | None]:
+        return self.records[i], _image_bytes(self.dataset[self.rows[i]][self.cfg_data.image_column])[0]
+
+
+def _image_bytes(cell) -> tuple[bytes | None, str | None]:
+    """A row's encoded image, or (None, why not): `datasets` holds the bytes, or only the
+    path of a local file (a table built from files without embedding them)."""
+    if isinstance(cell, dict) and cell.get("bytes") is not None:
+        return cell["bytes"], None
+    if isinstance(cell, dict) and cell.get("path"):
+        return files.read_bytes(cell["path"])
+    return None, "no image in the row"
 

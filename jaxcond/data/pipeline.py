@@ -8,6 +8,9 @@ Everything a batch holds is a pure function of (config.data, seed, step, record 
 flip, the caption augmentation. So a resumed run, another host or a worker thread
 produces the same batch, and the loader's only state is the step the checkpoint holds.
 
+`decode` fits a checked image (`jaxcond.data.files.load_image`) to its bucket: resized
+to cover it, cropped, flipped.
+
 `Prefetcher` runs `Data.batch` for upcoming steps in grain worker threads (or
 processes) so decoding overlaps the device step.
 """
@@ -15,9 +18,10 @@ processes) so decoding overlaps the device step.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import hashlib
-import itertools
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +30,70 @@ import grain
 import ml_collections
 import numpy as np
 import tqdm
+from PIL import Image
 
 from jaxcond.data import captions as captions_lib, demo as demo_data, demo_score, files, order
 from jaxcond.models.family import Family
 
 log = logging.getLogger("jaxcond")
+
+
+#: Images whose cover-resize would be over this many times the training size (its aspect
+#: ratio that far from the bucket's) are skipped: the crop would keep under 1/8 of them.
+MAX_OVERHANG = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """An image ready for the step: uint8 [height, width, 3], plus what SDXL conditions on."""
+
+    pixels: np.ndarray
+    original_size: tuple[int, int]  # (height, width) before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
+def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
+    """The bucket whose aspect ratio is nearest (in log ratio) the image's."""
+    return int(np.argmin(np.abs(np.log([h / w for h, w in shapes]) - np.log(height / width))))
+
+
+def decode(path: str, size: int | tuple[int, int] | list[tuple[int, int]], report: files.Report, *,
+           crop: str = "center", flip: bool = False, rng: np.random.Generator | None = None,
+           too_small: str = "upscale", max_pixels: int = 64_000_000, data: bytes | None = None) -> Decoded | None:
+    """The image at `path` (or its encoded bytes `data`, `path` then only names it; checked
+    and converted by `files.load_image`) as RGB uint8 [height, width, 3], resized to cover
+    `size` and cropped; or None (counted in `report`). `size` is a side, a (height, width),
+    or a list of buckets' (height, width), of which the one nearest the image's aspect ratio
+    is used (what training will use). `flip` mirrors it horizontally (the caller draws it,
+    like the random crop, from its own rng)."""
+    img = files.load_image(path, report, data=data, max_pixels=max_pixels)
+    if img is None:
+        return None
+    w, h = img.size
+    if isinstance(size, list):
+        size = size[nearest_bucket(size, h, w)]
+    th, tw = (size, size) if isinstance(size, int) else size
+    # Scale so the image just covers th x tw, then crop the overhang.
+    scale = max(th / h, tw / w)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    if rw * rh > MAX_OVERHANG * tw * th:  # a banner or a 1-pixel line: the crop would be a sliver of it,
+        report.add(f"skipped: aspect ratio over {MAX_OVERHANG}x off that of {th}x{tw}", path)  # the resize huge
+        return None
+    if h < th or w < tw:
+        if too_small == "skip":
+            report.add(f"skipped: smaller than {th}x{tw}", path)
+            return None
+        report.add(f"upscaled: smaller than {th}x{tw}", path)
+    img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+    if crop == "random":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        top, left = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))
+    else:
+        top, left = (rh - th) // 2, (rw - tw) // 2
+    pixels = np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.uint8)
+    if flip:
+        pixels = pixels[:, ::-1].copy()
+    return Decoded(pixels, (h, w), (top, left))
 
 
 class Data(abc.ABC):
@@ -57,7 +120,7 @@ class Data(abc.ABC):
         h = hashlib.sha256(np.asarray(self.buckets, np.int64).tobytes())
         h.update(str(self.num_records).encode())
         for part in self._identity():
-            h.update(part.encode() + b"\0")
+            h.update(part.encode("utf-8", "surrogatepass") + b"\0")  # names need not be UTF-8
         return h.hexdigest()
 
     def _identity(self) -> Iterator[str]:
@@ -162,7 +225,7 @@ class FileData(Data):
         self.records, self.sizes = self._load()
         if family is not None:
             self._count_overlong()
-        self.buckets = tuple(files.nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
+        self.buckets = tuple(nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
         self.num_records = len(self.records)
         counts = np.bincount(np.array(self.buckets, int), minlength=len(self.bucket_shapes))
         log.info("data: %d images from %s\n%s\n  buckets (h x w: images, full batches/epoch): %s",
@@ -191,8 +254,8 @@ class FileData(Data):
         else:
             records = files.scan_metadata(d.path, self.report, **policy)
 
-        def check(r: files.Record) -> files.Decoded | None:
-            return files.decode(r.path, list(self.bucket_shapes), self.report, too_small=d.too_small)
+        def check(r: files.Record) -> Decoded | None:
+            return decode(r.path, list(self.bucket_shapes), self.report, too_small=d.too_small)
 
         kept, sizes = [], []
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
@@ -211,15 +274,17 @@ class FileData(Data):
                        disable=len(self.records) < 50_000) as bar:  # ~4,000 a second
             for start in range(0, len(self.records), 4096):
                 part = self.records[start:start + 4096]
-                for r in itertools.compress(part, self.family.overlong([r.caption for r in part])):
-                    self.report.add(what, r.path)
+                flat = [(i, c) for i, r in enumerate(part) for c in captions_lib.as_tuple(r.caption)]
+                over = self.family.overlong([c for _, c in flat])
+                for i in sorted({i for (i, _), o in zip(flat, over) if o}):  # an image once, whichever caption
+                    self.report.add(what, part[i].path)
                 bar.update(len(part))
 
     def _identity(self) -> Iterator[str]:
         if self.source_digest:
             yield self.source_digest
-        for r in self.records:
-            yield f"{r.path}\0{r.caption}"
+        for r in self.records:  # several captions as a JSON list: apart from any one string
+            yield f"{r.path}\0{r.caption if isinstance(r.caption, str) else json.dumps(r.caption)}"
 
     def read(self, i: int) -> tuple[files.Record, bytes | None]:
         """Record `i` and its encoded image (None: read it from record.path)."""
@@ -234,20 +299,24 @@ class FileData(Data):
             r, data = self.read(int(i))
             # Crop and flip from (seed, epoch, record): the same on any host, after any resume.
             rng = np.random.default_rng([self.seed, epoch, int(i), 1])
-            dec = files.decode(r.path, shape, files.Report(), crop=d.crop, data=data,
-                               flip=bool(d.flip and rng.random() < 0.5), rng=rng, too_small="upscale")
+            report = files.Report()
+            dec = decode(r.path, shape, report, crop=d.crop, data=data,
+                         flip=bool(d.flip and rng.random() < 0.5), rng=rng, too_small="upscale")
             if dec is None:  # the file changed since the start-up check
-                raise files.DataError(f"{r.path} could not be read any more; it was readable at start")
+                raise files.DataError(f"{r.path} could not be read any more ({', '.join(report.counts)}); "
+                                      "it was readable at start")
             images.append(dec.pixels)
             time_ids.append(micro_conditioning(dec.original_size, dec.crop_top_left, shape))
-            caps.append(captions_lib.augment(r.caption, seed=self.seed, epoch=epoch, record_id=int(i),
+            caption = captions_lib.choose(r.caption, seed=self.seed, epoch=epoch, record_id=int(i))
+            caps.append(captions_lib.augment(caption, seed=self.seed, epoch=epoch, record_id=int(i),
                                              shuffle=d.caption_shuffle, keep_tokens=d.keep_tokens,
                                              tag_dropout=d.tag_dropout))
         return {"images": np.stack(images), "tokens": self.family.tokenize(caps),
                 "time_ids": np.stack(time_ids)}
 
     def eval_captions(self, n: int) -> list[str]:
-        prompts = list(self.cfg_data.eval_prompts) or [r.caption for r in self.records[:n]]
+        prompts = list(self.cfg_data.eval_prompts) or [
+            captions_lib.as_tuple(r.caption)[0] for r in self.records[:n]]
         return [prompts[i % len(prompts)] for i in range(n)]
 
 
