@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 
-from jaxcond import rundir
+from jaxcond import outputs, rundir
 from jaxcond.checks import ConfigError
 from jaxcond.models import convert
 from jaxcond.outputs import make_output_dir
@@ -50,11 +51,25 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     refusal = t.family.single_file_refusal() if single_file else None
     if refusal:
         raise ConfigError(f"--single_file: {refusal}")
+    out = os.path.normpath(out)
     make_output_dir(out, "--out")  # after the checks above, so a refused export leaves no folder
+    name = os.path.basename(out) + ".safetensors" if single_file else None
+    # Written aside and swapped in whole: a kill mid-export leaves the earlier export (or
+    # none) and a temporary folder the next export removes, never a half-written model.
+    outputs.remove_stale(out)
+    with outputs.atomic(out) as tmp:
+        os.makedirs(tmp)
+        manifest = _write(t, params, tmp, name, weights, workdir)
+        previous = f"{tmp}-previous"
+        os.rename(out, previous)  # made above: empty, or an earlier export
+    shutil.rmtree(previous, ignore_errors=True)
+    return manifest
+
+
+def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights: str, workdir: str) -> dict:
+    """The export's files in folder `out` (`name`: the single file's, or None); returns the manifest."""
     t.family.save(out, params["model"])
-    name = None
-    if single_file:
-        name = os.path.basename(os.path.normpath(out)) + ".safetensors"
+    if name:
         t.family.save_single_file(os.path.join(out, name), params["model"])
     # The unconditional branch replaces the conditioners of the groups training drops; the
     # others (e.g. SDXL's size conditioning at rate 0) keep their real values.

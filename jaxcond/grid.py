@@ -7,6 +7,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxcond import outputs
+
 _GRID_GAP = 2
 _GAP_COLOR = (128, 128, 128)  # mid-grey so tiles with white or black backgrounds stay separated
 _LABEL_BG = (255, 255, 255)
@@ -111,4 +113,5 @@ def save_grid(
     arr = grid_array(images, nrow, row_labels=row_labels, col_labels=col_labels, scale=scale)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")
+    with outputs.atomic(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

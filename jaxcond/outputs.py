@@ -1,9 +1,13 @@
-"""Output folders: made and proven writable before the work whose result they hold."""
+"""Output folders made and proven writable before the work whose result they hold, and
+files written under a temporary name and renamed when complete."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 
 from jaxcond.checks import ConfigError
 
@@ -25,3 +29,33 @@ def make_output_dir(path: str, what: str) -> None:
     except OSError as e:
         raise ConfigError(f"{what} {path!r} is not writable ({e.strerror or e}): choose another path or "
                           "fix its permissions/space") from None
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+    """A temporary name beside `path` to write a file or folder under; renamed onto `path`
+    when the block ends without error. A process killed meanwhile leaves the previous
+    `path` (or none) and a `<path>.tmp-<pid>` that `remove_stale` clears, never a cut-off
+    `path` that a rerun would take for complete. A folder replaces only a missing or empty
+    folder (POSIX rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def remove_stale(path: str) -> None:
+    """Deletes what `atomic(path)` left behind in processes that were killed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        if entry.startswith(f"{name}.tmp-"):
+            _remove(os.path.join(folder, entry))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)

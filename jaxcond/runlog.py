@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from jaxcond import distributed, masks as masks_lib
+from jaxcond import distributed, masks as masks_lib, outputs
 from jaxcond.data.pipeline import Data
 from jaxcond.train_step import StepSpec
 
@@ -37,7 +37,7 @@ def truncate_jsonl(path: str, keep: Any) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 pass
-    with open(path, "w") as f:
+    with outputs.atomic(path) as tmp, open(tmp, "w") as f:  # a kill mid-rewrite keeps the old lines
         f.writelines(kept)
 
 
@@ -94,14 +94,15 @@ class RunLog:
             for k, v in s.items():
                 self.writer.add_scalar(f"adherence/{col}/{k}", v, done)
         name = "samples_final.png" if final else f"samples_{done:06d}.png"
-        Image.fromarray(grid).save(os.path.join(self.workdir, name))
+        with outputs.atomic(os.path.join(self.workdir, name)) as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")
 
     def close(self, scores: dict) -> None:
         if not self.active:
             return
         self.writer.close()
         if scores:
-            with open(os.path.join(self.workdir, "adherence.json"), "w") as f:
+            with outputs.atomic(os.path.join(self.workdir, "adherence.json")) as tmp, open(tmp, "w") as f:
                 json.dump(scores, f, indent=2)
             print("caption adherence of held-out samples (fraction right):\n" + format_scores(scores))
             print(f"samples: {os.path.join(self.workdir, 'samples_final.png')}")

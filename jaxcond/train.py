@@ -30,6 +30,7 @@ from jaxcond.checks import ConfigError
 from jaxcond.data import pipeline, sources
 from jaxcond.distributed import is_main_process
 from jaxcond.models.family import Family
+from jaxcond import outputs
 from jaxcond.outputs import make_output_dir
 from jaxcond.rundir import load_family
 from jaxcond.runlog import RunLog
@@ -220,7 +221,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         check_free_space(workdir, state)
         start = int(state["step"])
         if is_main_process():
-            with open(os.path.join(workdir, "config.json"), "w") as f:
+            with outputs.atomic(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
                 json.dump(checkpoint.config_to_json(cfg), f, indent=2)
             log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
                 run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,

@@ -110,7 +110,7 @@ def compilation_cache(directory: str) -> str | None:
     directory should be one all hosts read (NFS, a GCS FUSE mount). A directory that
     cannot be written is logged and skipped: the run then compiles as without a cache.
     Raises ValueError for a URL (gs://...): like run directories, buckets are untested
-    here and would need a filesystem package jaxcond does not install.
+    here and would need a filesystem package jaxcond does not install; and for a file.
     """
     current = jax.config.jax_compilation_cache_dir
     if current or not directory:
@@ -120,6 +120,9 @@ def compilation_cache(directory: str) -> str | None:
                          "directories); use a local or mounted folder (NFS, GCS FUSE), or "
                          "--compilation_cache= to turn the cache off")
     path = os.path.abspath(os.path.expanduser(directory))
+    if os.path.exists(path) and not os.path.isdir(path):  # a mistyped flag, not a passing problem
+        raise ValueError(f"--compilation_cache {directory}: is a file, not a folder; pass a folder, or "
+                         "--compilation_cache= to turn the cache off")
     try:
         make_output_dir(path, "the folder")
     except ConfigError as e:

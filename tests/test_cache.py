@@ -110,6 +110,22 @@ def test_cache_refuses_what_it_cannot_hold_or_no_longer_describes(built, family,
         make_data(missing, family)
 
 
+def test_cache_is_keyed_by_every_encoding_setting(built, model_dir, family):
+    """A cache built at clip_skip 1 holds last-layer encodings; a run at clip_skip 2 (or in
+    another dtype) would mix them with nulls from its own setting."""
+    import jax.numpy as jnp
+    from jaxcond.models.unet_clip import UNetCLIP
+
+    for other, what in ((UNetCLIP(model_dir, clip_skip=2), r"model setting clip_skip \(cache 1, now 2\)"),
+                        (UNetCLIP(model_dir, dtype=jnp.bfloat16), r"model setting dtype \(cache 'float32', "
+                                                                   r"now 'bfloat16'\)")):
+        with pytest.raises(config_lib.ConfigError, match=f"cannot train from the cache .*built with {what}"):
+            make_data(built, other)
+        with pytest.raises(config_lib.ConfigError, match=f"another model or dataset \\({what}\\)"):
+            build_cache(built, other, built.data.cache)
+    make_data(built, family)  # the setting it was built with
+
+
 def test_interrupted_cache_resumes_and_changed_files_are_noticed(config, family, image_folder, tmp_path,
                                                                  monkeypatch):
     monkeypatch.setattr(cache, "CHUNK", 32)

@@ -125,3 +125,9 @@ def test_cli_turns_the_compilation_cache_on_and_refuses_a_bucket(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--compilation_cache gs://bucket/jax_cache: buckets are not supported" in r.stderr
     assert "Traceback" not in r.stderr and not (ROOT / "gs:").exists()
+    (tmp_path / "a_file").write_text("")
+    r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
+                        f"--compilation_cache={tmp_path / 'a_file'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and not r.stdout and "Traceback" not in r.stderr
+    assert f"--compilation_cache {tmp_path / 'a_file'}: is a file, not a folder" in r.stderr

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxcond import xla
+from jaxcond import outputs, xla
 from jaxcond.checks import ConfigError
 from jaxcond.data import hf, pipeline, shards
 from jaxcond.models.family import Family
@@ -44,7 +44,7 @@ from jaxcond.train_step import empty_tokens
 
 CHUNK = 1024  # records per chunk
 NULLS = "nulls.npz"  # the empty caption's encoding per conditioner
-VERSION = 2  # 2: per-record time_ids
+VERSION = 3  # 2: per-record time_ids; 3: keyed by the model's encoding settings
 # Data fields whose change makes a cache describe other examples.
 _DATA_FIELDS = ("source", "path", "resolution", "buckets", "crop", "flip", "caption_extension",
                 "missing_caption", "empty_caption", "too_small", "num_records", "heldout_fraction", "seed")
@@ -76,12 +76,29 @@ def fingerprint_params(tree: object) -> str:
     return h.hexdigest()
 
 
+def model_key(family: Family) -> dict:
+    """What decides the cached encodings besides the data: the frozen weights' fingerprint
+    and every setting of the family that changes `encode` or `image_moments`."""
+    return {"weights": fingerprint_params(family.frozen), **family.encoding_key()}
+
+
+def _model_changes(cached: dict, now: dict) -> list[str]:
+    return [("other frozen weights (text encoders, VAE)" if k == "weights" else
+             f"model setting {k} (cache {cached.get(k)!r}, now {now.get(k)!r})")
+            for k in sorted(set(cached) | set(now)) if cached.get(k) != now.get(k)]
+
+
 def _source_of(d: ml_collections.ConfigDict) -> dict:
     return {f: d.to_dict().get(f) for f in _DATA_FIELDS}
 
 
 def _json_default(x: object) -> object:
     return list(x) if isinstance(x, tuple) else str(x)
+
+
+def _json(x: object) -> object:
+    """`x` as it reads back from the manifest (tuples become lists)."""
+    return json.loads(json.dumps(x, default=_json_default))
 
 
 def _records_of(data: pipeline.Data) -> list[list]:
@@ -99,17 +116,19 @@ def _records_of(data: pipeline.Data) -> list[list]:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with outputs.atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, default=_json_default)
-    os.replace(tmp, path)
 
 
 def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) -> dict:
     """Writes (or completes) the cache of `data` (a source, not a cache) under `directory`,
     a folder made and checked before `data` scanned its source (`jaxcond.data.sources`);
     returns the manifest."""
-    want = {"version": VERSION, "model": fingerprint_params(family.frozen), "source": _source_of(data.cfg_data),
+    several = sum(isinstance(r.caption, tuple) for r in getattr(data, "records", ()))
+    if several:
+        raise ConfigError(f"config.data.cache: {several} images have several captions, one chosen per epoch, "
+                          "which a cache of one encoding per image cannot hold; train without the cache")
+    want = {"version": VERSION, "model": _json(model_key(family)), "source": _source_of(data.cfg_data),
             "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,
             "fingerprint": data.fingerprint}  # what a checkpoint of a run on this data records
     path = os.path.join(directory, "manifest.json")
@@ -117,8 +136,11 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if any(json.loads(json.dumps(want[k], default=_json_default)) != old.get(k) for k in want):
-            raise ConfigError(f"{directory} holds a cache of another model or dataset; give "
+        changed = [k for k in want if _json(want[k]) != old.get(k)]
+        if changed:
+            what = (_model_changes(old.get("model") or {}, want["model"]) if changed == ["model"]
+                    else [f"its {k}" for k in changed])
+            raise ConfigError(f"{directory} holds a cache of another model or dataset ({'; '.join(what)}); give "
                               "config.data.cache a new folder (or delete this one)")
         manifest = old
     encode = xla.jit(family.encode)
@@ -127,7 +149,8 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
     # current encoder (the contract); this copy records it for users and tools, and the
     # model fingerprint checked at load guarantees it is what the step computes.
     empty = jax.device_get(encode(family.frozen, jnp.asarray(empty_tokens(family))))
-    np.savez(os.path.join(directory, NULLS), **{k: np.asarray(v) for k, v in empty.items()})
+    with outputs.atomic(os.path.join(directory, NULLS)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in empty.items()})
     buckets = np.asarray(data.buckets)
     chunks = range((data.num_records + CHUNK - 1) // CHUNK)
     for c in tqdm.tqdm(chunks, desc="caching", unit="chunk", disable=len(chunks) < 2):
@@ -156,10 +179,9 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
             for name, parts in fields.items():
                 arr = np.concatenate(parts)
                 manifest["fields"][name] = {"dtype": str(arr.dtype), "shape": list(arr.shape[1:])}
-                final = os.path.join(directory, f"{name}-c{c:05d}-b{b}.npy")
-                with open(final + ".tmp", "wb") as f:
-                    np.save(f, arr)
-                os.replace(final + ".tmp", final)
+                with outputs.atomic(os.path.join(directory, f"{name}-c{c:05d}-b{b}.npy")) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, arr)
         manifest["done"].append(c)
         _write_json(path, manifest)
     return manifest
@@ -182,11 +204,11 @@ class CachedData(pipeline.Data):
         problems = []
         if m.get("version") != VERSION:
             problems.append(f"format version {m.get('version')} (this jaxcond reads {VERSION})")
-        if family is not None and m["model"] != fingerprint_params(family.frozen):
-            problems.append("it was built with other text-encoder weights")
+        if family is not None and m.get("version") == VERSION:
+            problems += [f"it was built with {c}" for c in _model_changes(m["model"], _json(model_key(family)))]
         if not os.path.exists(os.path.join(directory, NULLS)):
             problems.append(f"it has no {NULLS}")
-        source = json.loads(json.dumps(_source_of(d), default=_json_default))
+        source = _json(_source_of(d))
         changed = [k for k in source if source[k] != m["source"].get(k)]
         if changed:
             problems.append("config.data fields differ: " + ", ".join(

@@ -7,7 +7,8 @@ record's size, so training (`data.source=shards`, `data.path=DIR`) assigns bucke
 without reading the images and reads any record by id (random access: the global order
 and per-host loading work as for files).
 
-A record is `<caption JSON>\\n<image bytes>`: {"caption": ..., "name": original path}.
+A record is `<caption JSON>\\n<image bytes>`: {"caption": ..., "name": original path}; an
+image's several captions are a JSON list.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 import numpy as np
 import tqdm
 
-from jaxcond.data import files, pipeline
+from jaxcond import outputs
+from jaxcond.data import captions, files, pipeline
 
 INDEX = "index.json"
 
@@ -47,7 +49,7 @@ def write(data: pipeline.FileData, out: str, num_shards: int) -> dict:
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     index = {"shards": names, "sizes": [list(s) for s in data.sizes], "source": data.cfg_data.path,
              "report": dict(data.report.counts)}
-    with open(os.path.join(out, INDEX), "w") as f:
+    with outputs.atomic(os.path.join(out, INDEX)) as tmp, open(tmp, "w") as f:  # written last: shards done
         json.dump(index, f)
     return index
 
@@ -91,9 +93,10 @@ class ShardData(pipeline.FileData):
     def read(self, i: int) -> tuple[files.Record, bytes]:
         header, image = self.source[i].split(b"\n", 1)
         meta = json.loads(header)
-        return files.Record(i, meta["name"], meta["caption"]), image
+        caption = meta["caption"] if isinstance(meta["caption"], str) else tuple(meta["caption"])
+        return files.Record(i, meta["name"], caption), image
 
     def eval_captions(self, n: int) -> list[str]:
         prompts = list(self.cfg_data.eval_prompts) or [
-            self.read(i)[0].caption for i in range(min(n, self.num_records))]
+            captions.as_tuple(self.read(i)[0].caption)[0] for i in range(min(n, self.num_records))]
         return [prompts[i % len(prompts)] for i in range(n)]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 
+from jaxcond import outputs
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.data import demo as demo_data
 from jaxcond.models.unet_clip import UNetCLIP, _quiet_deprecations
@@ -190,8 +191,12 @@ class Demo(UNetCLIP):
                 raise ConfigError("config.model.source = 'demo' builds the demo model into the run directory: "
                                   "pass --workdir (where the demo model is)")
             path = os.path.join(workdir, "base_model")
-            if jax.process_index() == 0 and not os.path.isdir(os.path.join(path, "unet")):
-                build(path, model.demo, resolution, model.demo.init_seed)
+            if jax.process_index() == 0 and not os.path.isdir(path):
+                # Built aside and renamed: a kill mid-build must not leave a folder that
+                # later starts would load as the model.
+                outputs.remove_stale(path)
+                with outputs.atomic(path) as tmp:
+                    build(tmp, model.demo, resolution, model.demo.init_seed)
             if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
                 multihost_utils.sync_global_devices("jaxcond: demo model built")
         return cls(path, dtype=dtype, clip_skip=model.clip_skip, train_text_encoder=model.train_text_encoder,

@@ -120,6 +120,11 @@ class Family(abc.ABC):
         """Writes the model with these trainable params as one `.safetensors` file."""
         raise NotImplementedError(f"{type(self).__name__} has no single-file layout")
 
+    def encoding_key(self) -> dict:
+        """Every setting besides the frozen weights that changes what `encode` and
+        `image_moments` return (JSON values): a cache of their outputs is keyed by it."""
+        return {}
+
     def export_manifest(self) -> dict:
         """Family-specific settings an exported model must be used with (jaxcond.json)."""
         return {}

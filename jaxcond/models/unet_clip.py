@@ -272,6 +272,9 @@ class UNetCLIP(Family):
                           "requires_safety_checker": False})
         return index
 
+    def encoding_key(self) -> dict:
+        return {"clip_skip": self.clip_skip, "dtype": jnp.dtype(self.dtype).name, "text_encoders": list(self.encoders)}
+
     def export_manifest(self) -> dict:
         return {"clip_skip": self.clip_skip}
 
