@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.clip_skip = 1
     # Fine-tune the text encoder(s) with the UNet (the `empty` null then follows them): True | False.
     c.model.train_text_encoder = False
+    # UNet rematerialisation (gradient checkpointing), less activation memory for a second
+    # forward pass of what is recomputed: none | blocks (recompute inside each UNet block) |
+    # blocks_keep_matmuls (recompute only normalisations, activations, elementwise ops).
+    c.model.remat = "none"
 
     # --- Data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -115,16 +119,24 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Optimizer ---------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-3  # Peak learning rate (AdamW); > 0.
+    # adamw | lion | adafactor (factored second moments: far less state for big matrices).
+    c.optim.name = "adamw"
+    c.optim.lr = 2e-3  # Peak learning rate; > 0.
     c.optim.schedule = "cosine"  # cosine | constant (both after linear warm-up).
     c.optim.warmup_steps = 100  # Linear learning-rate warm-up; >= 0.
     c.optim.end_lr_fraction = 0.05  # cosine: final lr as a fraction of the peak, in [0, 1].
-    c.optim.weight_decay = 1e-4  # AdamW decoupled weight decay.
-    c.optim.b1 = 0.9  # Adam beta1, in [0, 1).
-    c.optim.b2 = 0.999  # Adam beta2, in [0, 1).
+    c.optim.weight_decay = 1e-4  # Decoupled weight decay (AdamW, Lion; Adafactor's decay rate).
+    c.optim.b1 = 0.9  # Adam/Lion beta1, in [0, 1).
+    c.optim.b2 = 0.999  # Adam/Lion beta2, in [0, 1) (Lion's authors use 0.99).
     c.optim.eps = 1e-8  # Adam epsilon; > 0.
+    # float32 | bfloat16: the first moment's dtype (AdamW's mu, Lion's momentum); bfloat16
+    # halves it. AdamW's second moment stays in the params' dtype (optax).
+    c.optim.moment_dtype = "float32"
     c.optim.grad_clip = 1.0  # Global-norm gradient clipping; 0 turns it off.
     c.optim.ema_decay = 0.999  # EMA of the trainable params (sampling uses it), warmed up; 0 turns it off.
+    # params | float32 | bfloat16: the EMA's storage dtype (averaged in float32, then rounded):
+    # params = train.param_dtype; bfloat16 halves it, but loses updates below its precision.
+    c.optim.ema_dtype = "params"
 
     # --- Training ----------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

@@ -65,7 +65,11 @@ def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
 # Fields whose change alters which examples, masks or noise a step sees: a resumed run
 # with any of them changed would not continue the run it claims to continue.
 RESUME_CRITICAL = ("seed", "dropout", "train.global_batch", "train.grad_accum", "data",
-                   "diffusion", "model")
+                   "diffusion", "model",
+                   # These change the train state itself, which a restore would refuse less clearly.
+                   "train.param_dtype", "optim.name", "optim.moment_dtype", "optim.ema_dtype")
+# Fields added after runs were saved, at the value those runs had.
+_ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dtype": "params"}
 
 
 def _get(d: Mapping, dotted: str) -> object:
@@ -75,7 +79,8 @@ def _get(d: Mapping, dotted: str) -> object:
 
 
 # Inside those sections, fields that change where batches come from but not what they hold.
-RESUME_EXEMPT = ("data.cache", "data.eval_prompts")
+RESUME_EXEMPT = ("data.cache", "data.eval_prompts",
+                 "model.remat")  # what is recomputed, not what is computed
 
 
 def _without_exempt(d: Mapping, section: str) -> object:
@@ -86,9 +91,15 @@ def _without_exempt(d: Mapping, section: str) -> object:
 
 
 def _as_read(d: Mapping) -> Mapping:
-    """`d` with its model section as the family registry reads it."""
+    """`d` with its model section as the family registry reads it, and fields added since
+    it was saved at the value it ran with."""
     model = d.get("model")
-    return {**d, "model": registry.as_read(model)} if isinstance(model, Mapping) else d
+    d = {**d, "model": registry.as_read(model)} if isinstance(model, Mapping) else dict(d)
+    for dotted, value in _ADDED.items():
+        section, field = dotted.split(".")
+        if isinstance(d.get(section), Mapping) and field not in d[section]:
+            d[section] = {**d[section], field: value}
+    return d
 
 
 def resume_conflicts(saved: Mapping, current: Mapping) -> list[str]:

@@ -49,6 +49,7 @@ class StepSpec:
     snr_gamma: float = 0.0
     noise_offset: float = 0.0
     ema_decay: float = 0.0
+    ema_dtype: str = "params"  # or a DTYPES key
     # Benchmark switch only: compiles the step without any dropout code, to price it.
     with_dropout: bool = True
 
@@ -63,10 +64,11 @@ class StepSpec:
             schedule=diffusion.Schedule(d.num_train_timesteps, d.beta_schedule, d.beta_start,
                                         d.beta_end, d.prediction_type),
             snr_gamma=float(d.snr_gamma), noise_offset=float(d.noise_offset),
-            ema_decay=float(cfg.optim.ema_decay))
+            ema_decay=float(cfg.optim.ema_decay), ema_dtype=cfg.optim.get("ema_dtype", "params"))
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OPTIMIZERS = ("adamw", "lion", "adafactor")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -85,6 +87,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
           f"must be divisible by config.train.grad_accum = {t.grad_accum}")
     o = cfg.optim
+    one_of("optim.name", o.name, OPTIMIZERS)
+    one_of("optim.moment_dtype", o.moment_dtype, tuple(DTYPES))
+    one_of("optim.ema_dtype", o.ema_dtype, ("params", *DTYPES))
     check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     one_of("optim.schedule", o.schedule, ("cosine", "constant"))
     int_at_least("optim.warmup_steps", o.warmup_steps, 0)
@@ -107,7 +112,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
         lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
                                    optax.constant_schedule(o.lr)], [o.warmup_steps])
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    # Configs saved before these fields existed trained AdamW with float32 moments.
+    name, mu = o.get("name", "adamw"), DTYPES[o.get("moment_dtype", "float32")]
+    if name == "adamw":
+        parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mu_dtype=mu))
+    elif name == "lion":
+        parts.append(optax.lion(lr, b1=o.b1, b2=o.b2, mu_dtype=mu, weight_decay=o.weight_decay))
+    else:  # adafactor: factored second moments, no first moment (optax's defaults otherwise)
+        parts.append(optax.adafactor(lr, weight_decay_rate=o.weight_decay or None))
     return optax.chain(*parts), lr
 
 
@@ -134,7 +146,8 @@ def init_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "skipped": jnp.zeros((), jnp.int32)}
     if spec.ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, params)
+        dtype = DTYPES.get(spec.ema_dtype)
+        state["ema"] = jax.tree.map(lambda x: jnp.copy(x) if dtype is None else x.astype(dtype), params)
     return state
 
 
@@ -257,7 +270,10 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
         # by the initial weights for thousands of steps.
         n = step.astype(jnp.float32)
         decay = jnp.minimum(spec.ema_decay, (1.0 + n) / (10.0 + n))
-        new["ema"] = keep(optax.incremental_update(new_params, state["ema"], 1.0 - decay), state["ema"])
+        # Averaged in float32 (a bfloat16 EMA is only stored so), as optax.incremental_update.
+        ema = optax.incremental_update(new_params, jax.tree.map(lambda e: e.astype(jnp.float32), state["ema"]),
+                                       1.0 - decay)
+        new["ema"] = keep(jax.tree.map(lambda n, e: n.astype(e.dtype), ema, state["ema"]), state["ema"])
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(step), "skipped_updates": new["skipped"]}
     for g in spec.groups if spec.with_dropout else ():
         metrics[f"drop_frac/{g.name}"] = jnp.mean(r["masks"][g.name].astype(jnp.float32))

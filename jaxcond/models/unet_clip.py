@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcond.checks import ConfigError, check, int_at_least
-from jaxcond.models import convert, load, single_file
+from jaxcond.checks import ConfigError, check, int_at_least, one_of
+from jaxcond.models import convert, load, remat as remat_lib, single_file
 from jaxcond.models.family import Family, Params
 
 
@@ -56,7 +56,7 @@ class UNetCLIP(Family):
     """
 
     def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1,
-                 train_text_encoder: bool = False, base: str = ""):
+                 train_text_encoder: bool = False, base: str = "", remat: str = "none"):
         """`source`: a diffusers-format folder or hub id, or a single-file `.safetensors`
         in the original SD 1.x / SDXL layout with `base` naming a diffusers folder or hub id
         of its family for the configs and tokenizers (jaxcond.models.load).
@@ -66,6 +66,7 @@ class UNetCLIP(Family):
         convention, 1 = the penultimate layer un-normalised (what SDXL was trained on),
         2 = the one before, ...
         `train_text_encoder`: the encoders join the trainable params.
+        `remat`: the UNet's rematerialisation policy (`jaxcond.models.remat`).
         """
         _quiet_deprecations()
         from diffusers import FlaxUNet2DConditionModel
@@ -85,7 +86,7 @@ class UNetCLIP(Family):
                 raise FileNotFoundError(
                     f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
                     "folder with unet/, text_encoder/ and tokenizer/")
-        self.path, self.dtype = path, dtype
+        self.path, self.dtype, self.remat = path, dtype, remat
         self.unet, unet_params = load.diffusers_part(FlaxUNet2DConditionModel, os.path.join(path, "unet"), dtype,
                                                      tensors.get("unet"))
         self.trainable, self.frozen = {"unet": unet_params}, {}
@@ -151,12 +152,13 @@ class UNetCLIP(Family):
               "of its family, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5")
         check(isinstance(model.train_text_encoder, bool), "model.train_text_encoder",
               model.train_text_encoder, "must be True or False")
+        one_of("model.remat", model.get("remat", "none"), tuple(remat_lib.POLICIES))
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
                     resolution: int) -> UNetCLIP:
         return cls(model.source, dtype=dtype, clip_skip=model.clip_skip,
-                   train_text_encoder=model.train_text_encoder, base=model.base)
+                   train_text_encoder=model.train_text_encoder, base=model.base, remat=model.get("remat", "none"))
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         ids = [t(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
@@ -205,8 +207,9 @@ class UNetCLIP(Family):
         if self.uses_pooled:
             added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
         context = cond["text"] if "text_2" not in cond else jnp.concatenate([cond["text"], cond["text_2"]], -1)
-        out = self.unet.apply({"params": trainable["unet"]}, x_t.astype(self.dtype), t,
-                              context.astype(self.dtype), added_cond_kwargs=added, train=False)
+        with remat_lib.blocks_remat(self.remat):  # the blocks are built inside apply
+            out = self.unet.apply({"params": trainable["unet"]}, x_t.astype(self.dtype), t,
+                                  context.astype(self.dtype), added_cond_kwargs=added, train=False)
         return out.sample.astype(jnp.float32)
 
     def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
