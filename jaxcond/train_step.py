@@ -87,9 +87,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(t.global_batch % t.grad_accum == 0, "train.global_batch", t.global_batch,
           f"must be divisible by config.train.grad_accum = {t.grad_accum}")
     o = cfg.optim
-    one_of("optim.name", o.name, OPTIMIZERS)
-    one_of("optim.moment_dtype", o.moment_dtype, tuple(DTYPES))
-    one_of("optim.ema_dtype", o.ema_dtype, ("params", *DTYPES))
+    # (.get: a run saved before these fields existed is verified and resumed as it ran.)
+    one_of("optim.name", o.get("name", "adamw"), OPTIMIZERS)
+    one_of("optim.moment_dtype", o.get("moment_dtype", "float32"), tuple(DTYPES))
+    one_of("optim.ema_dtype", o.get("ema_dtype", "params"), ("params", *DTYPES))
     check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     one_of("optim.schedule", o.schedule, ("cosine", "constant"))
     int_at_least("optim.warmup_steps", o.warmup_steps, 0)

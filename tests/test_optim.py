@@ -5,6 +5,7 @@ import copy
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -54,6 +55,8 @@ def test_optimizer_choices_are_part_of_the_resume_check():
     for field in ("name", "moment_dtype", "ema_dtype"):
         del older["optim"][field]
     assert config_lib.resume_conflicts(older, saved) == []
+    del older["model"]["family"], older["model"]["remat"]
+    config_lib.validate(ml_collections.ConfigDict(older), None)  # what `jaxcond verify` checks of it
 
 
 def test_bad_optimizer_fields_are_named():
