@@ -19,16 +19,16 @@ import jax
 from jaxcond import outputs, rundir
 from jaxcond.checks import ConfigError
 from jaxcond.models import convert
+from jaxcond.models.family import DIFFUSERS_VERSION
 from jaxcond.outputs import make_output_dir
 
 MANIFEST = "jaxcond.json"
-_DIFFUSERS_VERSION = "0.39.0"
 
 
 def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
     """diffusers DDIMScheduler settings that sample the way jaxcond's sampler does."""
     d = cfg_diffusion
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": _DIFFUSERS_VERSION,
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
             "num_train_timesteps": d["num_train_timesteps"], "beta_schedule": d["beta_schedule"],
             "beta_start": d["beta_start"], "beta_end": d["beta_end"],
             "prediction_type": d["prediction_type"], "timestep_spacing": "trailing",

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from jaxcond import config as config_lib, outputs, sharding, train as train_lib

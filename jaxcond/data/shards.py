@@ -38,15 +38,15 @@ def write(data: pipeline.FileData, out: str, num_shards: int) -> dict:
     names = [f"shard-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
     bounds = np.linspace(0, data.num_records, num_shards + 1).astype(int)
     for k, name in enumerate(tqdm.tqdm(names, desc="writing shards", unit="shard")):
-        writer = ArrayRecordWriter(os.path.join(out, name + ".tmp"), "group_size:1")
-        for i in range(bounds[k], bounds[k + 1]):
-            r, image = data.read(i)
-            if image is None:
-                with open(r.path, "rb") as f:
-                    image = f.read()
-            writer.write(json.dumps({"caption": r.caption, "name": r.path}).encode() + b"\n" + image)
-        writer.close()
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        with outputs.atomic(os.path.join(out, name)) as tmp:
+            writer = ArrayRecordWriter(tmp, "group_size:1")
+            for i in range(bounds[k], bounds[k + 1]):
+                r, image = data.read(i)
+                if image is None:
+                    with open(r.path, "rb") as f:
+                        image = f.read()
+                writer.write(json.dumps({"caption": r.caption, "name": r.path}).encode() + b"\n" + image)
+            writer.close()
     index = {"shards": names, "sizes": [list(s) for s in data.sizes], "source": data.cfg_data.path,
              "report": dict(data.report.counts)}
     with outputs.atomic(os.path.join(out, INDEX)) as tmp, open(tmp, "w") as f:  # written last: shards done

@@ -31,6 +31,8 @@ import ml_collections
 import numpy as np
 
 Params = Any
+# Written into exported configs: the diffusers release whose layouts jaxcond reads and writes.
+DIFFUSERS_VERSION = "0.39.0"
 
 
 class Family(abc.ABC):

@@ -25,10 +25,8 @@ import numpy as np
 
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.models import convert, load, remat as remat_lib, single_file
-from jaxcond.models.family import Family, Params
+from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
 
-
-DIFFUSERS_VERSION = "0.39.0"  # written into exported configs: the release these layouts are from
 
 
 def _quiet_deprecations() -> None:
