@@ -48,6 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-2
     c.optim.ema_decay = 0.9999
 
+    # Memory (jaxcond plan --config configs/sd15.py --topology v5e:2x2): every parameter,
+    # moment and EMA split over all devices, each layer gathered where it runs and its
+    # activations recomputed in the backward pass. One GPU: the same, nothing to split.
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.model.remat = "layers"
+
     c.train.steps = 10_000
     c.train.global_batch = 32
     c.train.compute_dtype = "bfloat16"  # Params and optimizer state stay float32.

@@ -12,11 +12,13 @@ import ml_collections
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "masks", "cache", "shards", "export", "sample", "verify")
+COMMANDS = ("train", "plan", "masks", "cache", "shards", "export", "sample", "verify")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
   train   train (or resume) in --workdir
+  plan    compile the train step ahead of time for --topology (a TPU slice, no TPU needed) or this
+          machine's devices, and print its memory per device against the chip's, FLOPs and fit
   masks   print the dropout masks of --steps A:B as JSON lines, without training (on one device:
           masks do not depend on the mesh, so config.mesh is not used)
   cache   precompute decoded images and text-encoder outputs into config.data.cache
@@ -27,6 +29,7 @@ commands:
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
+  jaxcond plan --config configs/sdxl.py --topology v5e:4x4
   jaxcond masks --config configs/demo.py --steps 0:3
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
   jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
@@ -44,6 +47,8 @@ _ALLOW = flags.DEFINE_bool("allow_config_change", False,
                            "Resume even if the seed, dropout spec, data or batch changed.")
 _STEPS = flags.DEFINE_string("steps", None, "masks: half-open step range A:B, 0 <= A < B <= 2**31 (default 0:1); "
                              "sample: sampling steps (default 50).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "plan: a TPU topology to compile for, e.g. v5e:2x2, v5e:4x4, "
+                                "v5p:2x2x1 (needs the tpu extra); default: this machine's devices.")
 _SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
 _OUT = flags.DEFINE_string("out", None, "export: output folder; sample: output PNG.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "export/sample: EMA or raw trainable weights.")
@@ -93,6 +98,13 @@ def _train() -> None:
         raise app.UsageError(str(e)) from None
     xla.cpu_runtime()  # after joining the processes, before jax's backends exist
     train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
+
+
+def _plan() -> None:
+    from jaxcond import plan
+
+    cfg = _CONFIG.value
+    print(plan.report(plan.plan(cfg, _TOPOLOGY.value), cfg))
 
 
 def _masks() -> None:
@@ -209,7 +221,7 @@ def _main(argv: list[str], command: str) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
-        {"train": _train, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
+        {"train": _train, "plan": _plan, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
          "sample": _sample, "verify": _verify}[command]()
     except (ConfigError, DataError, FileNotFoundError, NotImplementedError, WeightsMismatch,
             CheckpointError, NonFiniteError) as e:

@@ -32,12 +32,12 @@ def from_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None, reads_data: bool = True) -> None:
     """Checks every field the run depends on; raises ConfigError on the first bad one.
     `num_devices` None skips what depends on the devices (the mesh), e.g. for the masks,
-    which do not."""
+    which do not; `reads_data` False, that the data is named (`jaxcond plan` reads none)."""
     try:
-        _validate(cfg, num_devices)
+        _validate(cfg, num_devices, reads_data)
     except AttributeError as e:  # ConfigDict's missing field: AttributeError(KeyError(name))
         if not (e.args and isinstance(e.args[0], KeyError)):
             raise
@@ -46,7 +46,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
                           ) from None
 
 
-def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
+def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None, reads_data: bool) -> None:
     dropout.groups_from_config(cfg.dropout)
     train_step.validate(cfg)
     t = cfg.train
@@ -55,7 +55,7 @@ def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
     checkpoint.validate(cfg.checkpoint)
     family = registry.check_config(cfg.model)
     sources.validate(cfg.data, cfg.loader, global_batch=t.global_batch,
-                     train_text_encoder=cfg.model.train_text_encoder)
+                     train_text_encoder=cfg.model.train_text_encoder, reads_data=reads_data)
     multiple = family.config_size_multiple(cfg.model)
     if multiple is not None:  # checked again once loaded
         sources.check_image_sizes(cfg.data, multiple)

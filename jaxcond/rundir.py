@@ -16,10 +16,10 @@ from jaxcond.models import registry
 from jaxcond.models.family import Family
 
 
-def load_family(cfg: ml_collections.ConfigDict, workdir: str) -> Family:
+def load_family(cfg: ml_collections.ConfigDict, workdir: str, shapes_only: bool = False) -> Family:
     """The model of a run's config (`config.model.family`), computing in its compute dtype."""
     return registry.from_config(cfg.model, workdir=workdir, dtype=ts.DTYPES[cfg.train.compute_dtype],
-                                resolution=cfg.data.resolution)
+                                resolution=cfg.data.resolution, shapes_only=shapes_only)
 
 
 @dataclasses.dataclass

@@ -5,11 +5,18 @@ state, EMA and frozen weights follow one rule (`param_spec`): a tensor of at lea
 `min_size` elements is split over "fsdp" along its largest dimension that the axis
 divides; anything smaller or indivisible is replicated. With fsdp=1 everything is
 replicated (plain data parallelism). XLA inserts the all-gathers and reduce-scatters.
+
+Inside the step, params are gathered where they are used: a family calls `gather` on the
+params of each layer as the layer runs (for the UNet, `jaxcond.models.remat`), so the step
+never holds the whole tree gathered, and the gradients leave each layer to be
+reduce-scattered onto their shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -94,6 +101,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (example) dimension split over every mesh axis."""
     return NamedSharding(mesh, BATCH)
+
+
+_GATHER: contextvars.ContextVar = contextvars.ContextVar("jaxcond_gather", default=None)
+
+
+@contextlib.contextmanager
+def gathering(target: NamedSharding | None) -> Iterator[None]:
+    """While tracing inside it, `gather` places params at `target` (replicated: FSDP's
+    all-gather). None: `gather` leaves them as they are."""
+    token = _GATHER.set(target)
+    try:
+        yield
+    finally:
+        _GATHER.reset(token)
+
+
+def gathering_active() -> bool:
+    return _GATHER.get() is not None
+
+
+def gather(tree: Any) -> Any:
+    """`tree` where `gathering` says params are used (unchanged outside it)."""
+    target = _GATHER.get()
+    return tree if target is None else jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: target, tree))
 
 
 def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:

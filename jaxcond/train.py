@@ -24,7 +24,7 @@ import optax
 import tqdm
 from orbax.checkpoint import multihost as ocp_multihost
 
-from jaxcond import checkpoint, config as config_lib, dropout, grid, preemption, sharding, xla
+from jaxcond import checkpoint, config as config_lib, dropout, grid, preemption, program, sharding
 from jaxcond import train_step as ts
 from jaxcond.checks import ConfigError
 from jaxcond.data import pipeline, sources
@@ -63,17 +63,9 @@ class Run:
         return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
     def jit_step(self, spec: ts.StepSpec, compiler_options: dict[str, Any] | None = None) -> Any:
-        """The train step of `spec` compiled for the mesh, state donated, with
-        `compiler_options` (default: jaxcond's for the mesh's platform, `jaxcond.xla`)."""
-        if compiler_options is None:
-            compiler_options = xla.options(self.mesh.devices.flat[0].platform)
-        batch_sh = sharding.batch_sharding(self.mesh)
-        frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
-        return jax.jit(functools.partial(ts.train_step, self.family, spec, self.tx, self.lr,
-                                         compute_sharding=sharding.replicated(self.mesh)),
-                       in_shardings=(self.state_shardings, frozen_sh, batch_sh),  # every batch field
-                       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                       donate_argnums=(0,), compiler_options=compiler_options)
+        """The train step of `spec` compiled for the mesh (`jaxcond.program.jit_step`)."""
+        return program.jit_step(self.family, spec, self.tx, self.lr, self.mesh, self.state_shardings,
+                                jax.tree.map(lambda x: x.sharding, self.frozen), compiler_options)
 
     def step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         """One train step. With several processes each new batch shape (bucket) is compiled

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcond import diffusion, dropout, rng
+from jaxcond import diffusion, dropout, rng, sharding
 from jaxcond.checks import check, in_unit_interval, int_at_least, one_of
 from jaxcond.models.family import Family, Params
 
@@ -50,8 +50,10 @@ class StepSpec:
     noise_offset: float = 0.0
     ema_decay: float = 0.0
     ema_dtype: str = "params"  # or a DTYPES key
-    # Benchmark switch only: compiles the step without any dropout code, to price it.
+    # Benchmark switches only: the step without any dropout code, to price it; FSDP params
+    # gathered as one tree at the top of the step instead of per layer, to price that.
     with_dropout: bool = True
+    gather_per_layer: bool = True
 
     @staticmethod
     def from_config(cfg: ml_collections.ConfigDict, groups: list[dropout.Group],
@@ -138,10 +140,13 @@ def empty_conditioning(family: Family, params: Params) -> dict[str, jax.Array]:
 
 
 def init_state(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
-               param_dtype: jnp.dtype = jnp.float32) -> State:
-    """Step 0: pretrained trainable params, learned nulls initialised from the empty caption."""
-    empty = empty_conditioning(family, {**family.frozen, **family.trainable})
-    params = {"model": family.trainable,
+               param_dtype: jnp.dtype = jnp.float32, trainable: Params = None, frozen: Params = None) -> State:
+    """Step 0: pretrained trainable params, learned nulls initialised from the empty caption.
+    `trainable` and `frozen`: the family's own unless given (as traced arguments)."""
+    trainable = family.trainable if trainable is None else trainable
+    frozen = family.frozen if frozen is None else frozen
+    empty = empty_conditioning(family, {**frozen, **trainable})
+    params = {"model": trainable,
               "nulls": {name: empty[name][0] for name, kind in spec.nulls if kind == "learned"}}
     params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -156,7 +161,9 @@ def abstract_state(family: Family, spec: StepSpec, tx: optax.GradientTransformat
                    shardings: Any) -> State:
     """The train state's shapes and dtypes (traced, nothing computed), each placed where
     `shardings(shapes)` (a tree of shardings) says: what a restore fills in."""
-    shapes = jax.eval_shape(functools.partial(init_state, family, spec, tx, DTYPES[param_dtype]))
+    # The family's params go in as arguments: they may be shapes only (jaxcond plan).
+    shapes = jax.eval_shape(functools.partial(init_state, family, spec, tx, DTYPES[param_dtype]),
+                            trainable=family.trainable, frozen=family.frozen)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                         shardings(shapes))
 
@@ -192,7 +199,7 @@ def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
         # The `empty` null from the current encoder params: with a fine-tuned text encoder
         # it moves as the encoder trains, never a stale copy.
         empty = empty_conditioning(family, parts)
-        nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
+        nulls = dropout.null_values(dict(spec.nulls), empty, sharding.gather(params["nulls"]))
         cond = dropout.apply(cond, nulls, mb["masks"], spec.groups)
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
     x0, noise, t = mb["x0"], mb["noise"], mb["t"]
@@ -212,11 +219,11 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     "moments"), either {"tokens": int32 [B,...]} or the cached encodings
     {"cond/<conditioner>": [B, ...]}, and the family's batch_conditioners (e.g. "time_ids").
 
-    `compute_sharding` (e.g. replicated) is where the forward and backward pass see the
-    params. With FSDP-sharded params it gathers them once per step (and the gradients are
-    reduce-scattered back); left to itself XLA would push the parameter sharding into the
-    activations and re-materialise them inside attention. The dropout masks are drawn there
-    too.
+    `compute_sharding` (e.g. replicated) is where the forward and backward pass use the
+    params: with FSDP-sharded params the family gathers each layer's params there as the
+    layer runs (`jaxcond.sharding.gathering`), and the gradients are reduce-scattered back;
+    left to itself XLA would push the parameter sharding into the activations and
+    re-materialise them inside attention. The dropout masks are drawn there too.
     """
     step = state["step"]
     # Cached VAE moments (jaxcond.data.cache) stand in for encoding the images here.
@@ -237,9 +244,10 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     else:
         data["cond"] = {k[len("cond/"):]: v for k, v in batch.items() if k.startswith("cond/")}
     def loss_fn(p: Params, mb: Mapping[str, Any]) -> jax.Array:
-        if compute_sharding is not None:
+        if not spec.gather_per_layer and compute_sharding is not None:
             p = jax.lax.with_sharding_constraint(p, compute_sharding)
-        return _loss(family, spec, p, frozen, mb)
+        with sharding.gathering(compute_sharding):
+            return _loss(family, spec, p, frozen, mb)
 
     grad_fn = jax.value_and_grad(loss_fn)
     params = state["params"]

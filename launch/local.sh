@@ -4,7 +4,7 @@
 #   bash launch/local.sh train --config configs/demo.py --workdir runs/demo
 #   bash launch/local.sh test [pytest args]
 #   bash launch/local.sh setup    # only the install (multi-node jobs do it once, up front)
-#   bash launch/local.sh masks|cache|shards|export|sample|verify ...   # any other jaxcond command
+#   bash launch/local.sh plan|masks|cache|shards|export|sample|verify ...   # any other jaxcond command
 #
 # JAXCOND_EXTRA=cuda12 (or tpu) installs the accelerator wheels of jax as well.
 set -euo pipefail
@@ -14,7 +14,7 @@ cd "$(dirname "$self")/.."
 usage() { sed -n '2,9p' "$self" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 case "$1" in
-  test|setup|train|masks|cache|shards|export|sample|verify) ;;
+  test|setup|train|plan|masks|cache|shards|export|sample|verify) ;;
   -h|--help) usage ;;
   *) echo "unknown command: $1" >&2; usage ;;
 esac

@@ -27,8 +27,9 @@ _WHAT = {"folder": "folder of images and .txt captions", "metadata": "metadata.j
 
 
 def validate(d: ml_collections.ConfigDict, loader: ml_collections.ConfigDict, *, global_batch: int,
-             train_text_encoder: bool) -> None:
-    """Checks `config.data` (`d`) and `config.loader`."""
+             train_text_encoder: bool, reads_data: bool = True) -> None:
+    """Checks `config.data` (`d`) and `config.loader`; without `reads_data`, not that the
+    data is named."""
     one_of("data.source", d.source, SOURCES)
     int_at_least("data.resolution", d.resolution, 8)
     if d.source == "demo":
@@ -40,7 +41,7 @@ def validate(d: ml_collections.ConfigDict, loader: ml_collections.ConfigDict, *,
         except ValueError as e:
             check(False, "data.heldout_fraction", d.heldout_fraction, str(e))
     else:
-        check(bool(d.path), "data.path", d.path, f"data.source = {d.source!r} needs the {_WHAT[d.source]}")
+        check(bool(d.path) or not reads_data, "data.path", d.path, f"data.source = {d.source!r} needs the {_WHAT[d.source]}")
         for b in d.buckets:
             check(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b),
                   "data.buckets", d.buckets, "each bucket is (height, width) in pixels, both integers >= 8; "

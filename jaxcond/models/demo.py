@@ -184,7 +184,7 @@ class Demo(UNetCLIP):
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
-                    resolution: int) -> UNetCLIP:
+                    resolution: int, shapes_only: bool = False) -> UNetCLIP:
         path = model.source
         if path == "demo":
             if not workdir:
@@ -200,7 +200,7 @@ class Demo(UNetCLIP):
             if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
                 multihost_utils.sync_global_devices("jaxcond: demo model built")
         return cls(path, dtype=dtype, clip_skip=model.clip_skip, train_text_encoder=model.train_text_encoder,
-                   base=model.base, remat=model.get("remat", "none"))
+                   base=model.base, remat=model.get("remat", "none"), shapes_only=shapes_only)
 
 
 FAMILY = Demo

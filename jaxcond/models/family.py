@@ -54,10 +54,12 @@ class Family(abc.ABC):
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
-                    resolution: int) -> Family:
+                    resolution: int, shapes_only: bool = False) -> Family:
         """The family of `config.model` (`model`), computing in `dtype`. `workdir` is the run
         directory (a family built locally may keep its files there); `resolution` the
-        training image side. Every family the registry serves defines it."""
+        training image side. `shapes_only`: `trainable` and `frozen` may hold only shapes
+        (jax.ShapeDtypeStruct), for compiling the step without weights (`jaxcond plan`).
+        Every family the registry serves defines it."""
         raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
 
     @classmethod

@@ -32,6 +32,23 @@ _WEIGHT_PATTERNS = ["*/diffusion_pytorch_model.safetensors", "*/model.safetensor
                     "*/*-of-*.safetensors", "*/*.msgpack"]
 
 
+# The config files (no weights, no tokenizer vocabularies) of these hub models ship with
+# jaxcond, so their parameter shapes are known offline (`jaxcond plan`).
+SHIPPED = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
+           "stabilityai/stable-diffusion-2-1": "sd21", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def resolve_configs(source: str) -> str:
+    """A folder with `source`'s configs (weights may be missing): a local folder, the
+    shipped configs of a known hub id, or the hub's (configs only)."""
+    if os.path.isdir(source):
+        return source
+    if source in SHIPPED:
+        return os.path.join(SHIPPED_DIR, SHIPPED[source])
+    return resolve(source, weights=False)
+
+
 def resolve(source: str, weights: bool = True) -> str:
     """A local folder for `source`: the folder itself, or a hub snapshot of the id (without
     weights when only the configs and tokenizers are needed)."""
@@ -84,10 +101,15 @@ def _params(library: str, folder: str, template: Any, tensors: dict | None) -> d
     return convert.from_pytorch(convert.read_safetensors(files), template, source=files[0])
 
 
-def diffusers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None) -> tuple[Any, dict]:
+def diffusers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None,
+                   weights: bool = True) -> tuple[Any, dict]:
     """A diffusers Flax model class's module and params from `folder` (e.g. <model>/unet),
-    or from `tensors` (PyTorch keys) with only the folder's config."""
+    or from `tensors` (PyTorch keys) with only the folder's config; without `weights`, the
+    params' shapes (jax.ShapeDtypeStruct) from the config alone."""
     _check_part(folder)
+    if not weights:
+        model = cls.from_config(cls.load_config(folder), dtype=dtype)
+        return model, jax.eval_shape(model.init_weights, jax.random.key(0))
     flax_file = os.path.join(folder, _FILES["diffusers"][0])
     if tensors is None and os.path.isfile(flax_file):
         model, params = _read_flax(flax_file, lambda: cls.from_pretrained(folder, dtype=dtype))
@@ -117,18 +139,19 @@ def _uncommitted(params: dict) -> dict:
     return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
 
 
-def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None) -> tuple[Any, dict]:
+def transformers_part(cls: Any, folder: str, dtype: jnp.dtype, tensors: dict | None = None,
+                      weights: bool = True) -> tuple[Any, dict]:
     """A transformers Flax model (its params not initialised) and its params, as above."""
     _check_part(folder)
     flax_file = os.path.join(folder, _FILES["transformers"][0])
-    if tensors is None and os.path.isfile(flax_file):
+    if weights and tensors is None and os.path.isfile(flax_file):
         # _do_init=False: transformers would otherwise initialise every weight it then
         # replaces, op by op (~100 small compiles), and fill missing ones with random values.
         model, params = _read_flax(flax_file, lambda: cls.from_pretrained(folder, dtype=dtype, _do_init=False))
         return model, convert.check_fits(_uncommitted(params), model.params_shape_tree, source=flax_file)
     model = cls(cls.config_class.from_pretrained(folder), dtype=dtype, _do_init=False)
     template = jax.eval_shape(lambda: model.init_weights(jax.random.key(0), model.input_shape))
-    return model, _params("transformers", folder, template, tensors)
+    return model, (_params("transformers", folder, template, tensors) if weights else template)
 
 
 def single_file(path: str, base: str) -> tuple[str, dict[str, dict]]:

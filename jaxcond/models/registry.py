@@ -59,7 +59,8 @@ def check_config(model: ml_collections.ConfigDict) -> type[Family]:
 
 
 def from_config(model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
-                resolution: int) -> Family:
+                resolution: int, shapes_only: bool = False) -> Family:
     """The family of `config.model`, loaded (`Family.from_config`)."""
+    extra = {"shapes_only": True} if shapes_only else {}  # families written before it still load
     return family_class(family_name(model)).from_config(model, workdir=workdir, dtype=dtype,
-                                                          resolution=resolution)
+                                                          resolution=resolution, **extra)

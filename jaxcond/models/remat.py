@@ -1,15 +1,27 @@
-"""Rematerialisation (gradient checkpointing) inside diffusers' Flax UNet.
+"""Rematerialisation (gradient checkpointing) and per-layer FSDP gathers inside diffusers'
+Flax UNet.
 
-`model.remat` names a policy: `none` keeps every activation for the backward pass;
-`blocks` keeps only what enters and leaves each UNet block (down, mid, up) and recomputes
-the rest of a block during its backward pass; `blocks_keep_matmuls` recomputes only the
-cheap ops inside a block (normalisations, activations, elementwise), keeping matmul and
-convolution outputs (jax.checkpoint_policies.dots_saveable). The result is the same to
-float rounding; the cost is a second forward pass of what is recomputed.
+`model.remat` names a policy, what the backward pass keeps and what it recomputes:
+- `none` keeps every activation;
+- `blocks` keeps only what enters each UNet block (down, mid, up) and recomputes the rest
+  of the block in its backward pass; `blocks_keep_matmuls` recomputes only the cheap ops
+  inside a block (norms, activations, elementwise), keeping every matmul and convolution
+  output (jax.checkpoint_policies.dots_saveable);
+- `layers` does the same per layer (each transformer block and res block), and
+  `layers_keep_matmuls` keeps the matmul outputs without batch dimensions there (the
+  projections; attention scores are recomputed: dots_with_no_batch_dims_saveable);
+- `full` keeps only the UNet's inputs and recomputes the whole forward pass.
+The result is the same to float rounding; the cost is a second forward pass of what is
+recomputed (`jaxcond plan` prints the FLOPs of each).
 
-diffusers builds its blocks in `FlaxUNet2DConditionModel.setup` from names in its module,
-so `blocks_remat` puts `flax.linen.remat` versions under those names while a UNet is
-applied (setup runs inside `apply`); parameters and their names are unchanged.
+With FSDP-sharded params (`jaxcond.sharding.gathering`), each layer gathers its own params
+where it runs, so the step never holds the whole parameter tree gathered. Under a remat
+policy the gather is inside the recomputed region, so the backward pass gathers again
+instead of keeping the gathered copy: only with remat does FSDP shrink the peak.
+
+diffusers builds its blocks in `setup` from names in its modules, so `wrapped` puts
+wrapped versions under those names while a UNet is applied (setup runs inside `apply`);
+parameters and their names are unchanged.
 """
 
 from __future__ import annotations
@@ -20,25 +32,55 @@ from collections.abc import Iterator
 import flax.linen as nn
 import jax
 
-POLICIES = {"none": None, "blocks": "everything", "blocks_keep_matmuls": jax.checkpoint_policies.dots_saveable}
-_BLOCKS = ("FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxUNetMidBlock2DCrossAttn", "FlaxCrossAttnUpBlock2D",
-           "FlaxUpBlock2D")
+from jaxcond import sharding
+
+_NOTHING = "nothing saved"
+# policy -> (where, what is saved inside); `full` is applied by the family around the UNet.
+POLICIES = {"none": (None, None), "blocks": ("blocks", _NOTHING),
+            "blocks_keep_matmuls": ("blocks", jax.checkpoint_policies.dots_saveable),
+            "layers": ("layers", _NOTHING),
+            "layers_keep_matmuls": ("layers", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+            "full": ("full", _NOTHING)}
+_UNET = "diffusers.models.unets.unet_2d_condition_flax"
+_BLOCKS = {_UNET: ("FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxUNetMidBlock2DCrossAttn",
+                   "FlaxCrossAttnUpBlock2D", "FlaxUpBlock2D")}
+# Every module holding params below the blocks, by the module namespace that builds it.
+_LAYERS = {"diffusers.models.attention_flax": ("FlaxBasicTransformerBlock",),
+           "diffusers.models.unets.unet_2d_blocks_flax": ("FlaxResnetBlock2D", "FlaxDownsample2D",
+                                                          "FlaxUpsample2D")}
+# Param-path parts under which a layer gathers its own params; the rest (the UNet's
+# embeddings, in/out convs, the transformers' projections) is gathered by the family.
+LAYER_SCOPES = ("transformer_blocks_", "resnets_", "downsamplers_", "upsamplers_")
+
+
+def _remat(cls: type, keep: object) -> type:
+    return nn.remat(cls, policy=None if keep is _NOTHING else keep)
 
 
 @contextlib.contextmanager
-def blocks_remat(policy: str) -> Iterator[None]:
-    """While open, UNets built by diffusers rematerialise each block by `policy`."""
-    if POLICIES[policy] is None:
-        yield
-        return
-    from diffusers.models.unets import unet_2d_condition_flax as unet_module
+def wrapped(policy: str) -> Iterator[None]:
+    """While open, UNets built by diffusers rematerialise by `policy` and, inside
+    `sharding.gathering`, gather each layer's params where the layer runs."""
+    import importlib
 
-    saved = {name: getattr(unet_module, name) for name in _BLOCKS}
-    keep = POLICIES[policy]
+    where, keep = POLICIES[policy]
+    gather = sharding.gathering_active()
+    saved = []
     try:
-        for name, cls in saved.items():
-            setattr(unet_module, name, nn.remat(cls, policy=None if keep == "everything" else keep))
+        for scope in (_LAYERS, _BLOCKS):
+            for module_name, names in scope.items():
+                module = importlib.import_module(module_name)
+                for name in names:
+                    cls = original = getattr(module, name)
+                    if gather and scope is _LAYERS:
+                        cls = nn.map_variables(cls, "params", trans_in_fn=sharding.gather, init=False,
+                                               mutable=False)
+                    if where == ("layers" if scope is _LAYERS else "blocks"):
+                        cls = _remat(cls, keep)
+                    if cls is not original:
+                        saved.append((module, name, original))
+                        setattr(module, name, cls)
         yield
     finally:
-        for name, cls in saved.items():
-            setattr(unet_module, name, cls)
+        for module, name, cls in reversed(saved):
+            setattr(module, name, cls)

@@ -14,6 +14,7 @@ Diffusion is: x0 is drawn in the step from the encoder's Gaussian and scaled by 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxcond import sharding
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.models import convert, load, remat as remat_lib, single_file
 from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
@@ -54,7 +56,7 @@ class UNetCLIP(Family):
     """
 
     def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1,
-                 train_text_encoder: bool = False, base: str = "", remat: str = "none"):
+                 train_text_encoder: bool = False, base: str = "", remat: str = "none", shapes_only: bool = False):
         """`source`: a diffusers-format folder or hub id, or a single-file `.safetensors`
         in the original SD 1.x / SDXL layout with `base` naming a diffusers folder or hub id
         of its family for the configs and tokenizers (jaxcond.models.load).
@@ -65,13 +67,18 @@ class UNetCLIP(Family):
         2 = the one before, ...
         `train_text_encoder`: the encoders join the trainable params.
         `remat`: the UNet's rematerialisation policy (`jaxcond.models.remat`).
+        `shapes_only`: params are shapes (jax.ShapeDtypeStruct) read from the configs alone,
+        which for the hub ids of SD 1.5, 2.1 and SDXL ship with jaxcond: a model to compile
+        (`jaxcond plan`), never to run. Without a tokenizer vocabulary its token ids are zeros.
         """
         _quiet_deprecations()
         from diffusers import FlaxUNet2DConditionModel
         from transformers import CLIPTokenizer, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
         tensors: dict[str, dict | None] = {}
-        if os.path.isfile(source) and source.endswith(".safetensors"):
+        if shapes_only:
+            path = load.resolve_configs(base if source.endswith(".safetensors") else source)
+        elif os.path.isfile(source) and source.endswith(".safetensors"):
             if not base:
                 raise FileNotFoundError(
                     f"{source} is a single-file checkpoint, which carries no config: set config.model.base "
@@ -85,8 +92,9 @@ class UNetCLIP(Family):
                     f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
                     "folder with unet/, text_encoder/ and tokenizer/")
         self.path, self.dtype, self.remat = path, dtype, remat
+        weights = not shapes_only
         self.unet, unet_params = load.diffusers_part(FlaxUNet2DConditionModel, os.path.join(path, "unet"), dtype,
-                                                     tensors.get("unet"))
+                                                     tensors.get("unet"), weights)
         self.trainable, self.frozen = {"unet": unet_params}, {}
         self.encoders = ["text_encoder"] + (["text_encoder_2"] if os.path.isdir(os.path.join(path, "text_encoder_2"))
                                             else [])
@@ -94,22 +102,27 @@ class UNetCLIP(Family):
         for i, name in enumerate(self.encoders):
             cls = FlaxCLIPTextModel if i == 0 else FlaxCLIPTextModelWithProjection
             self.text_models[name], params = load.transformers_part(cls, os.path.join(path, name), dtype,
-                                                                    tensors.get(name))
+                                                                    tensors.get(name), weights)
             (self.trainable if train_text_encoder else self.frozen)[name] = params
-            self.tokenizers.append(CLIPTokenizer.from_pretrained(
-                os.path.join(path, "tokenizer" if i == 0 else "tokenizer_2")))
+            tokenizer = os.path.join(path, "tokenizer" if i == 0 else "tokenizer_2")
+            if weights or os.path.isfile(os.path.join(tokenizer, "vocab.json")):
+                self.tokenizers.append(CLIPTokenizer.from_pretrained(tokenizer))
+            else:
+                with open(os.path.join(tokenizer, "tokenizer_config.json")) as f:
+                    self.max_length = json.load(f)["model_max_length"]
         self.latent = os.path.isdir(os.path.join(path, "vae"))
         if self.latent:
             from diffusers import FlaxAutoencoderKL
 
             self.vae, self.frozen["vae"] = load.diffusers_part(FlaxAutoencoderKL, os.path.join(path, "vae"), dtype,
-                                                               tensors.get("vae"))
+                                                               tensors.get("vae"), weights)
         layers = min(m.config.num_hidden_layers for m in self.text_models.values())
         if not 1 <= clip_skip < layers + (len(self.encoders) == 1):
             raise ConfigError(f"config.model.clip_skip = {clip_skip}: this model's text encoders have {layers} "
                               "layers; use 1 (the last) up to their count")
         self.clip_skip = clip_skip
-        self.max_length = self.tokenizers[0].model_max_length
+        if self.tokenizers:
+            self.max_length = self.tokenizers[0].model_max_length
         if any(t.model_max_length != self.max_length for t in self.tokenizers):
             raise FileNotFoundError(f"{path}: tokenizer/ and tokenizer_2/ have different lengths")
 
@@ -154,11 +167,15 @@ class UNetCLIP(Family):
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
-                    resolution: int) -> UNetCLIP:
+                    resolution: int, shapes_only: bool = False) -> UNetCLIP:
         return cls(model.source, dtype=dtype, clip_skip=model.clip_skip,
-                   train_text_encoder=model.train_text_encoder, base=model.base, remat=model.get("remat", "none"))
+                   train_text_encoder=model.train_text_encoder, base=model.base, remat=model.get("remat", "none"),
+                   shapes_only=shapes_only)
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
+        if not self.tokenizers:  # shapes only: compiled, never run
+            return np.zeros((len(captions),) + ((len(self.encoders),) if len(self.encoders) == 2 else ())
+                            + (self.max_length,), np.int32)
         ids = [t(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
                  return_tensors="np").input_ids.astype(np.int32) for t in self.tokenizers]
         return ids[0] if len(ids) == 1 else np.stack(ids, axis=1)  # [B, T] or [B, 2, T]
@@ -170,12 +187,14 @@ class UNetCLIP(Family):
 
     def _hidden(self, name: str, params: Params, tokens: jax.Array) -> tuple[jax.Array, Any]:
         model = self.text_models[name]
-        out = model(input_ids=tokens, params=params[name], train=False, output_hidden_states=True)
+        # A fine-tuned encoder is gathered whole (FSDP); frozen ones are left to XLA.
+        p = sharding.gather(params[name]) if name in self.trainable else params[name]
+        out = model(input_ids=tokens, params=p, train=False, output_hidden_states=True)
         if len(self.encoders) == 2:  # SDXL: a penultimate (or earlier) layer, as is
             return out.hidden_states[-(self.clip_skip + 1)], out
         if self.clip_skip == 1:
             return out.last_hidden_state, out
-        return model.module.apply({"params": params[name]}, out.hidden_states[-self.clip_skip],
+        return model.module.apply({"params": p}, out.hidden_states[-self.clip_skip],
                                   method=lambda m, h: m.text_model.final_layer_norm(h)), out
 
     def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
@@ -205,10 +224,19 @@ class UNetCLIP(Family):
         if self.uses_pooled:
             added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
         context = cond["text"] if "text_2" not in cond else jnp.concatenate([cond["text"], cond["text_2"]], -1)
-        with remat_lib.blocks_remat(self.remat):  # the blocks are built inside apply
-            out = self.unet.apply({"params": trainable["unet"]}, x_t.astype(self.dtype), t,
-                                  context.astype(self.dtype), added_cond_kwargs=added, train=False)
-        return out.sample.astype(jnp.float32)
+        # FSDP: the layers gather their own params as they run (remat_lib); the rest here.
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x if any(str(getattr(k, "key", k)).startswith(remat_lib.LAYER_SCOPES) for k in path)
+            else sharding.gather(x), trainable["unet"])
+
+        def apply(params: Params, x_t: jax.Array, context: jax.Array, added: Any) -> jax.Array:
+            with remat_lib.wrapped(self.remat):  # the blocks are built inside apply
+                return self.unet.apply({"params": params}, x_t, t, context, added_cond_kwargs=added,
+                                       train=False).sample
+
+        if self.remat == "full":
+            apply = jax.checkpoint(apply)
+        return apply(params, x_t.astype(self.dtype), context.astype(self.dtype), added).astype(jnp.float32)
 
     def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
         """Pixels in [-1, 1], NCHW; for a latent model the VAE's mean, scaled."""
