@@ -24,7 +24,7 @@ import optax
 import tqdm
 from orbax.checkpoint import multihost as ocp_multihost
 
-from jaxcond import checkpoint, config as config_lib, dropout, grid, preemption, program, sharding
+from jaxcond import checkpoint, config as config_lib, dropout, grid, hardware, preemption, program, sharding
 from jaxcond import train_step as ts
 from jaxcond.checks import ConfigError
 from jaxcond.data import pipeline, sources
@@ -56,7 +56,7 @@ class Run:
     frozen: Any
     abstract_state: Any  # the train state's shapes, dtypes and shardings (jax.ShapeDtypeStruct)
     step_fn: Any = None  # the jitted train step of `spec`
-    compiled: set = dataclasses.field(default_factory=set)  # batch shapes `step` compiled ahead
+    compiled: dict = dataclasses.field(default_factory=dict)  # batch shapes -> `step`'s compiled program
 
     @property
     def state_shardings(self) -> Any:
@@ -68,19 +68,21 @@ class Run:
                                 jax.tree.map(lambda x: x.sharding, self.frozen), compiler_options)
 
     def step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-        """One train step. With several processes each new batch shape (bucket) is compiled
-        first and the processes wait for each other at a barrier of the coordination
-        service: otherwise a host that compiles faster waits for the slower one inside the
-        step's first collectives, whose set-up times out after 30 s on the CPU (gloo).
-        The jitted step then reuses the executable compiled here."""
-        if jax.process_count() > 1:
-            shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
-            if shapes not in self.compiled:
-                self.step_fn.lower(state, self.frozen, batch).compile()
+        """One train step. Each new batch shape (bucket) is compiled ahead first: the first
+        one's memory is logged (the planned peak, `jaxcond plan`'s figure), and with several
+        processes they wait for each other at a barrier of the coordination service:
+        otherwise a host that compiles faster waits for the slower one inside the step's
+        first collectives, whose set-up times out after 30 s on the CPU (gloo)."""
+        shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        compiled = self.compiled.get(shapes)
+        if compiled is None:
+            compiled = self.compiled[shapes] = self.step_fn.lower(state, self.frozen, batch).compile()
+            if len(self.compiled) == 1 and is_main_process():
+                log.info("%s", planned_peak(compiled, self.mesh))
+            if jax.process_count() > 1:
                 ocp_multihost.get_barrier_sync_fn()(key=f"jaxcond_step_compiled_{next(_BARRIER_IDS)}",
                                                     timeout_ms=COMPILE_WAIT_MS)
-                self.compiled.add(shapes)
-        return self.step_fn(state, self.frozen, batch)
+        return compiled(state, self.frozen, batch)
 
     def initial_state(self) -> Any:
         init = functools.partial(ts.init_state, self.family, self.spec, self.tx,
@@ -98,6 +100,17 @@ class Run:
         for step, local in pipeline.Prefetcher(self.data, rows, start, end, workers=o.workers,
                                                prefetch=o.prefetch, processes=o.processes):
             yield int(step), sharding.assemble(self.mesh, self.spec.global_batch, rows, local)
+
+
+def planned_peak(compiled: Any, mesh: jax.sharding.Mesh) -> str:
+    """The compiled step's memory per device against the device's, as `jaxcond plan` says."""
+    m = program.Memory.of(compiled)
+    if m is None:
+        return "planned peak per device: not reported by this backend"
+    chip = hardware.local_chip(mesh.devices.flat[0])
+    of = f" of {chip.hbm_bytes / 2**30:.2f} GiB ({chip.name})" if chip else ""
+    return (f"planned peak per device {m.peak / 2**30:.2f} GiB{of}: inputs {m.arguments / 2**30:.2f} GiB, "
+            f"temporaries {m.temporaries / 2**30:.2f} GiB")
 
 
 def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Run:

@@ -3,6 +3,7 @@ two-process (two-"host") run on this machine compared with a one-process run."""
 
 import copy
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxcond import checkpoint, config as config_lib, distributed, sharding, train as train_lib
+from jaxcond import checkpoint, config as config_lib, distributed, program, sharding, train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,3 +231,17 @@ def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tm
     assert _jsonl(two / "masks.jsonl") == one_masks[:nxt]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), jax.device_get(one_params),
                  jax.device_get(got))
+
+
+def test_first_step_logs_its_planned_peak(config, tmp_path, caplog):
+    """The start-up reports the compiled step's memory per device (what `jaxcond plan`
+    predicts), once; later steps reuse the program compiled for it."""
+    run = train_lib.build(copy.deepcopy(config), str(tmp_path))
+    state = run.initial_state()
+    with caplog.at_level(logging.INFO, logger="jaxcond"):
+        for step in range(2):
+            state, _ = run.step(state, run.put_batch(step))
+    lines = [r.getMessage() for r in caplog.records if "planned peak" in r.getMessage()]
+    assert len(lines) == 1 and len(run.compiled) == 1
+    peak = program.Memory.of(next(iter(run.compiled.values()))).peak
+    assert f"planned peak per device {peak / 2**30:.2f} GiB" in lines[0] and "temporaries" in lines[0]
