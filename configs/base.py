@@ -47,9 +47,23 @@ def get_config() -> ml_collections.ConfigDict:
     # Fine-tune the text encoder(s) with the UNet (the `empty` null then follows them): True | False.
     c.model.train_text_encoder = False
     # UNet rematerialisation (gradient checkpointing), less activation memory for a second
-    # forward pass of what is recomputed: none | blocks (recompute inside each UNet block) |
-    # blocks_keep_matmuls (recompute only normalisations, activations, elementwise ops).
+    # forward pass of what is recomputed: none | layers (each transformer and res block) |
+    # layers_keep_matmuls (there, only the ops between matmuls) | blocks (each UNet
+    # down/mid/up block) | blocks_keep_matmuls | full (the whole UNet). jaxcond/models/remat.py.
     c.model.remat = "none"
+    # Frozen weights (VAE, frozen text encoders, a LoRA run's base UNet) stored as: float32 |
+    # bfloat16 (half the memory; the model then computes from bfloat16-rounded weights).
+    c.model.frozen_dtype = "float32"
+    # LoRA adapters (jaxcond/models/lora.py): rank 0 = off (full fine-tune). With rank > 0
+    # only the adapters (and learned nulls) train; the base weights are frozen.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # e.g. 16
+    c.model.lora.alpha = 0.0  # The update is scaled by alpha / rank; 0 = the rank (scale 1).
+    # What is adapted: attention (the UNet's to_q/k/v/out), feed_forward, resnet_convs; with
+    # model.train_text_encoder the text encoders' text_attention and text_mlp (both if neither).
+    c.model.lora.targets = ("attention",)
+    c.model.lora.seed = 0  # Initialisation of the adapters' down matrices.
+    c.model.lora.init_from = ""  # A LoRA .safetensors (diffusers or kohya layout) to continue from.
 
     # --- Data --------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -33,7 +33,7 @@ examples:
   jaxcond masks --config configs/demo.py --steps 0:3
   jaxcond cache --config configs/demo.py --workdir runs/demo --config.data.cache=runs/demo_cache
   jaxcond export --workdir runs/demo --out runs/demo_export [--weights ema|raw] [--step N] [--single_file]
-      [--model_source DIR]
+      [--model_source DIR] [--lora [--lora_format diffusers|kohya] | --merge]   (the last two: LoRA runs)
   jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \\
       --steps 50 --seed 0 [--scheduler ddim|euler|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
   jaxcond verify --run runs/demo
@@ -64,6 +64,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 _SCHEDULER = flags.DEFINE_string("scheduler", "ddim", "sample: ddim | euler | euler_a | dpm++.")
 _SINGLE = flags.DEFINE_bool("single_file", False,
                             "export: also one .safetensors in the original SD layout (latent models).")
+_LORA = flags.DEFINE_bool("lora", False, "export: a LoRA run's adapters alone, as one .safetensors.")
+_LORA_FORMAT = flags.DEFINE_enum("lora_format", "diffusers", ["diffusers", "kohya"],
+                                 "export --lora: diffusers (load_lora_weights) or kohya (ComfyUI, AUTOMATIC1111).")
+_MERGE = flags.DEFINE_bool("merge", False, "export: a LoRA run's base model with its adapters merged in.")
+_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "sample: strength of a LoRA run's adapters (0: the base).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "shards: number of shard files.", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -156,8 +161,10 @@ def _export() -> None:
 
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR")
-    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value)
-    print(f"exported step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
+    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value,
+               lora=_LORA_FORMAT.value if _LORA.value else None, merge=_MERGE.value)
+    what = f" the LoRA adapters ({m['lora']['format']} layout, {m['lora']['file']}) of" if "lora" in m else ""
+    print(f"exported{what} step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
           f"nulls {m['nulls']}")
 
 
@@ -179,7 +186,8 @@ def _sample() -> None:
     xla.cpu_runtime()
     path = sample(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
-                    step=_STEP.value, out=_OUT.value, model_source=_MODEL_SOURCE.value)
+                    step=_STEP.value, out=_OUT.value, model_source=_MODEL_SOURCE.value,
+                    lora_scale=_LORA_SCALE.value)
     print(f"samples: {path}")
 
 

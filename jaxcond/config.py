@@ -69,7 +69,9 @@ RESUME_CRITICAL = ("seed", "dropout", "train.global_batch", "train.grad_accum", 
                    # These change the train state itself, which a restore would refuse less clearly.
                    "train.param_dtype", "optim.name", "optim.moment_dtype", "optim.ema_dtype")
 # Fields added after runs were saved, at the value those runs had.
-_ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dtype": "params"}
+_ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dtype": "params",
+          "model.frozen_dtype": "float32",
+          "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""}}
 
 
 def _get(d: Mapping, dotted: str) -> object:
@@ -102,8 +104,16 @@ def _as_read(d: Mapping) -> Mapping:
     return d
 
 
+def _differences(name: str, a: object, b: object) -> list[str]:
+    """The leaves in which `a` and `b` differ, each named by its dotted field."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(f"{name}.{k}", a.get(k, "(absent)"), b.get(k, "(absent)"))]
+    return [] if a == b else [f"config.{name}: checkpoint has {a!r}, now {b!r}"]
+
+
 def resume_conflicts(saved: Mapping, current: Mapping) -> list[str]:
     """Human-readable differences in RESUME_CRITICAL fields between two config dicts."""
     saved, current = _as_read(saved), _as_read(current)
-    return [f"config.{k}: checkpoint has {_get(saved, k)!r}, now {_get(current, k)!r}"
-            for k in RESUME_CRITICAL if _without_exempt(saved, k) != _without_exempt(current, k)]
+    return [d for k in RESUME_CRITICAL
+            for d in _differences(k, _without_exempt(saved, k), _without_exempt(current, k))]

@@ -38,16 +38,32 @@ def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
             "clip_sample_range": 1.0}
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
 def export(workdir: str, out: str, weights: str = "ema", step: int | None = None,
-           single_file: bool = False, model_source: str | None = None) -> dict:
+           single_file: bool = False, model_source: str | None = None, lora: str | None = None,
+           merge: bool = False) -> dict:
     """Writes run `workdir`'s checkpoint (newest, or `step`) to `out`; returns the manifest.
     `single_file` adds `<out>/<name of out>.safetensors` in the original SD layout;
-    `model_source` is where the run's base model is now, if it moved since training."""
+    `model_source` is where the run's base model is now, if it moved since training.
+    A LoRA run exports its adapters (`lora`: "diffusers" writes `<out>/LORA_FILE`,
+    "kohya" `<out>/<name of out>.safetensors`) or, with `merge`, the full model with them
+    merged."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise ConfigError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
                           "choose a new or empty folder")
     t = rundir.load_trained(workdir, step, model_source)
     params = jax.device_get(t.params(weights))
+    trained_lora = getattr(t.family, "lora", None) is not None
+    if (lora or merge) and not trained_lora:
+        raise ConfigError(f"--{'lora' if lora else 'merge'}: run {workdir!r} trained no LoRA adapters "
+                          "(config.model.lora.rank = 0); export it without the flag")
+    if trained_lora and not (lora or merge):
+        raise ConfigError(f"run {workdir!r} trained LoRA adapters: export them with --lora (add --lora_format "
+                          "kohya for ComfyUI/AUTOMATIC1111), or the base model with them merged with --merge")
+    if lora and (merge or single_file):
+        raise ConfigError("--lora writes the adapters alone: leave out --merge and --single_file (or export twice)")
     refusal = t.family.single_file_refusal() if single_file else None
     if refusal:
         raise ConfigError(f"--single_file: {refusal}")
@@ -59,18 +75,25 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     outputs.remove_stale(out)
     with outputs.atomic(out) as tmp:
         os.makedirs(tmp)
-        manifest = _write(t, params, tmp, name, weights, workdir)
+        if lora:
+            name = LORA_FILE if lora == "diffusers" else os.path.basename(out) + ".safetensors"
+        manifest = _write(t, params, tmp, name, weights, workdir, lora)
         previous = f"{tmp}-previous"
         os.rename(out, previous)  # made above: empty, or an earlier export
     shutil.rmtree(previous, ignore_errors=True)
     return manifest
 
 
-def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights: str, workdir: str) -> dict:
-    """The export's files in folder `out` (`name`: the single file's, or None); returns the manifest."""
-    t.family.save(out, params["model"])
-    if name:
-        t.family.save_single_file(os.path.join(out, name), params["model"])
+def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights: str, workdir: str,
+           lora: str | None) -> dict:
+    """The export's files in folder `out` (`name`: the single or LoRA file's, or None);
+    returns the manifest."""
+    if lora:
+        t.family.save_lora(os.path.join(out, name), params["model"], lora)
+    else:
+        t.family.save(out, params["model"])
+        if name:
+            t.family.save_single_file(os.path.join(out, name), params["model"])
     # The unconditional branch replaces the conditioners of the groups training drops; the
     # others (e.g. SDXL's size conditioning at rate 0) keep their real values.
     dropped = {m for g in t.spec.groups if g.drops for m in g.members}
@@ -93,11 +116,17 @@ def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights:
         # diffusers' SDXL pipelines zero the unconditional embeddings when this is set.
         "force_zeros_for_empty_prompt": bool(text_nulls) and all(k == "zeros" for k in text_nulls),
         **t.family.export_manifest(),
-        "single_file": name,
+        "single_file": None if lora else name,
         "prediction_type": t.cfg.diffusion.prediction_type,
     }
+    if lora:
+        m = t.cfg.model
+        manifest["lora"] = {"file": name, "format": lora, "base": m.source, "rank": m.lora.rank,
+                            "alpha": m.lora.alpha or m.lora.rank, "targets": list(m.lora.targets)}
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
+    if lora:  # the adapters alone: the base model's own folder has its scheduler and index
+        return manifest
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
     with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(scheduler_config(t.cfg.diffusion.to_dict(), clip_sample=not t.family.latent), f, indent=2)

@@ -15,14 +15,17 @@ import numpy as np
 
 from jaxcond import grid, rundir
 from jaxcond.checks import ConfigError
+from jaxcond.models import lora
 from jaxcond.outputs import make_output_dir
 from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
 
 def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
              seed: int = 0, scheduler: str = "ddim", negative: str | None = None, weights: str = "ema",
-             step: int | None = None, out: str | None = None, model_source: str | None = None) -> str:
-    """Writes the grid of `prompts` (rows) x `guidance` (columns); returns its path."""
+             step: int | None = None, out: str | None = None, model_source: str | None = None,
+             lora_scale: float = 1.0) -> str:
+    """Writes the grid of `prompts` (rows) x `guidance` (columns); returns its path.
+    `lora_scale` scales a LoRA run's adapters (0: the base model)."""
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt")
     if scheduler not in SCHEDULERS:
@@ -37,7 +40,12 @@ def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, s
         warn_overlong(t.family, [negative], "--negative_prompt")
     out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
     make_output_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")  # before sampling
-    images = sample_grid(t.family, t.spec, t.params(weights), t.family.frozen, list(prompts), list(guidance),
+    params = t.params(weights)
+    if lora_scale != 1.0:
+        if t.family.lora is None:
+            raise ConfigError(f"--lora_scale {lora_scale}: run {workdir!r} trained no LoRA adapters")
+        params = {**params, "model": lora.scaled(params["model"], lora_scale)}
+    images = sample_grid(t.family, t.spec, params, t.family.frozen, list(prompts), list(guidance),
                          seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
     grid.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
                    row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])

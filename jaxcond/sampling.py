@@ -160,12 +160,12 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
 
     def one_scale(g):
         def guided(x: jax.Array, t: jax.Array) -> jax.Array:
-            out = family.denoise(params["model"], _pair(x, x), jnp.full((2 * rows,), t), both)
+            out = family.denoise(parts, _pair(x, x), jnp.full((2 * rows,), t), both)
             out = out.reshape((rows, 2) + out.shape[1:])
             return out[:, 1] + g * (out[:, 0] - out[:, 1])
 
         def branch(c: dict[str, jax.Array]) -> Callable:
-            return lambda x, t: family.denoise(params["model"], x, jnp.full((rows,), t), c)
+            return lambda x, t: family.denoise(parts, x, jnp.full((rows,), t), c)
 
         # Scale 0 is the unconditional branch alone and 1 the conditional one: each needs
         # half the model evaluations of a guided scale (lax.map runs one switch branch).

@@ -204,7 +204,7 @@ def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
     x0, noise, t = mb["x0"], mb["noise"], mb["t"]
     x_t = diffusion.add_noise(acp, x0, noise, t)
-    pred = family.denoise(params["model"], x_t, t, cond)
+    pred = family.denoise(parts, x_t, t, cond)
     want = diffusion.target(spec.schedule.prediction_type, acp, x0, noise, t)
     mse = jnp.mean(jnp.square(pred - want), axis=tuple(range(1, pred.ndim)))
     w = diffusion.min_snr_weight(spec.schedule.prediction_type, acp, t, spec.snr_gamma)

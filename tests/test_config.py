@@ -236,4 +236,4 @@ def test_runs_saved_before_model_family_resume_unchanged():
         assert config_lib.resume_conflicts(saved, now) == [], module.__name__
         saved["model"]["clip_skip"] = 2
         (conflict,) = config_lib.resume_conflicts(saved, now)
-        assert conflict.startswith("config.model: checkpoint has")
+        assert conflict == "config.model.clip_skip: checkpoint has 2, now 1"

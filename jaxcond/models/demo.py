@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from jaxcond import outputs
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.data import demo as demo_data
+from jaxcond.models import unet_clip
 from jaxcond.models.unet_clip import UNetCLIP, _quiet_deprecations
 
 
@@ -200,7 +201,8 @@ class Demo(UNetCLIP):
             if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
                 multihost_utils.sync_global_devices("jaxcond: demo model built")
         return cls(path, dtype=dtype, clip_skip=model.clip_skip, train_text_encoder=model.train_text_encoder,
-                   base=model.base, remat=model.get("remat", "none"), shapes_only=shapes_only)
+                   base=model.base, remat=model.get("remat", "none"), shapes_only=shapes_only,
+                   **unet_clip.extra_args(model))
 
 
 FAMILY = Demo

@@ -95,9 +95,10 @@ class Family(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def denoise(self, trainable: Params, x_t: jax.Array, t: jax.Array,
+    def denoise(self, params: Params, x_t: jax.Array, t: jax.Array,
                 cond: Mapping[str, jax.Array]) -> jax.Array:
-        """In-step: the network output for noisy samples `x_t` at timesteps `t`."""
+        """In-step: the network output for noisy samples `x_t` at timesteps `t`. `params`:
+        frozen and trainable parts together (LoRA keeps the base in the frozen ones)."""
 
     @abc.abstractmethod
     def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
@@ -123,6 +124,14 @@ class Family(abc.ABC):
     def save_single_file(self, path: str, trainable: Params) -> None:
         """Writes the model with these trainable params as one `.safetensors` file."""
         raise NotImplementedError(f"{type(self).__name__} has no single-file layout")
+
+    #: The LoRA spec (`jaxcond.models.lora.Spec`) when only adapters train, else None.
+    lora: Any = None
+
+    def save_lora(self, path: str, trainable: Params, layout: str) -> None:
+        """Writes the trained LoRA adapters as one `.safetensors` in `layout` ("diffusers"
+        or "kohya")."""
+        raise NotImplementedError(f"{type(self).__name__} trains no LoRA adapters")
 
     def encoding_key(self) -> dict:
         """Every setting besides the frozen weights that changes what `encode` and

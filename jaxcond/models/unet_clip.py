@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxcond import sharding
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
-from jaxcond.models import convert, load, remat as remat_lib, single_file
+from jaxcond.models import convert, load, lora as lora_lib, remat as remat_lib, single_file
 from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
 
 
@@ -56,7 +56,8 @@ class UNetCLIP(Family):
     """
 
     def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1,
-                 train_text_encoder: bool = False, base: str = "", remat: str = "none", shapes_only: bool = False):
+                 train_text_encoder: bool = False, base: str = "", remat: str = "none", shapes_only: bool = False,
+                 lora: lora_lib.Spec | None = None, lora_init: str = "", frozen_dtype: str = "float32"):
         """`source`: a diffusers-format folder or hub id, or a single-file `.safetensors`
         in the original SD 1.x / SDXL layout with `base` naming a diffusers folder or hub id
         of its family for the configs and tokenizers (jaxcond.models.load).
@@ -70,6 +71,9 @@ class UNetCLIP(Family):
         `shapes_only`: params are shapes (jax.ShapeDtypeStruct) read from the configs alone,
         which for the hub ids of SD 1.5, 2.1 and SDXL ship with jaxcond: a model to compile
         (`jaxcond plan`), never to run. Without a tokenizer vocabulary its token ids are zeros.
+        `lora`: train LoRA adapters of the UNet (and of the text encoders with
+        `train_text_encoder`) instead of their weights, from `lora_init` (a LoRA file) if
+        given (`jaxcond.models.lora`). `frozen_dtype`: how frozen weights are stored.
         """
         _quiet_deprecations()
         from diffusers import FlaxUNet2DConditionModel
@@ -145,6 +149,14 @@ class UNetCLIP(Family):
             self.conditioners["pooled"] = (pooled,)
             self.conditioners["time_ids"] = (6,)
             self.batch_conditioners = ("time_ids",)
+        self.lora = lora
+        if lora:
+            lora_lib.attach(self.trainable, self.frozen, lora, len(self.encoders) == 2, shapes_only, lora_init)
+        self.frozen_dtype = frozen_dtype
+        if frozen_dtype != "float32":
+            self.frozen = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if isinstance(x, jax.ShapeDtypeStruct)
+                else jnp.asarray(x, jnp.bfloat16), self.frozen)
         self.sample_shape = (ucfg.in_channels, ucfg.sample_size, ucfg.sample_size)
         vae_factor = 1
         if self.latent:
@@ -164,13 +176,18 @@ class UNetCLIP(Family):
         check(isinstance(model.train_text_encoder, bool), "model.train_text_encoder",
               model.train_text_encoder, "must be True or False")
         one_of("model.remat", model.get("remat", "none"), tuple(remat_lib.POLICIES))
+        one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
+        if "lora" in model:
+            lora_lib.validate(model.lora)
+            check(not model.lora.init_from or model.lora.rank > 0, "model.lora.init_from", model.lora.init_from,
+                  "set config.model.lora.rank (the file's rank) to train from a LoRA file")
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
                     resolution: int, shapes_only: bool = False) -> UNetCLIP:
         return cls(model.source, dtype=dtype, clip_skip=model.clip_skip,
                    train_text_encoder=model.train_text_encoder, base=model.base, remat=model.get("remat", "none"),
-                   shapes_only=shapes_only)
+                   shapes_only=shapes_only, **extra_args(model))
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         if not self.tokenizers:  # shapes only: compiled, never run
@@ -188,7 +205,9 @@ class UNetCLIP(Family):
     def _hidden(self, name: str, params: Params, tokens: jax.Array) -> tuple[jax.Array, Any]:
         model = self.text_models[name]
         # A fine-tuned encoder is gathered whole (FSDP); frozen ones are left to XLA.
-        p = sharding.gather(params[name]) if name in self.trainable else params[name]
+        trained = name in self.trainable or name + lora_lib.LORA in self.trainable
+        p = lora_lib.part(params, name, self.lora)
+        p = sharding.gather(p) if trained else p
         out = model(input_ids=tokens, params=p, train=False, output_hidden_states=True)
         if len(self.encoders) == 2:  # SDXL: a penultimate (or earlier) layer, as is
             return out.hidden_states[-(self.clip_skip + 1)], out
@@ -218,7 +237,7 @@ class UNetCLIP(Family):
         s = self.image_size
         return {"time_ids": np.tile(np.array([s, s, 0, 0, s, s], np.float32), (n, 1))}
 
-    def denoise(self, trainable: Params, x_t: jax.Array, t: jax.Array,
+    def denoise(self, params: Params, x_t: jax.Array, t: jax.Array,
                 cond: Mapping[str, jax.Array]) -> jax.Array:
         added = None
         if self.uses_pooled:
@@ -227,7 +246,7 @@ class UNetCLIP(Family):
         # FSDP: the layers gather their own params as they run (remat_lib); the rest here.
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: x if any(str(getattr(k, "key", k)).startswith(remat_lib.LAYER_SCOPES) for k in path)
-            else sharding.gather(x), trainable["unet"])
+            else sharding.gather(x), lora_lib.part(params, "unet", self.lora))
 
         def apply(params: Params, x_t: jax.Array, context: jax.Array, added: Any) -> jax.Array:
             with remat_lib.wrapped(self.remat):  # the blocks are built inside apply
@@ -269,7 +288,7 @@ class UNetCLIP(Family):
 
     def save(self, path: str, trainable: Params) -> None:
         """A diffusers-format folder: every part in Flax and PyTorch safetensors layouts."""
-        params = {**self.frozen, **trainable}
+        params = lora_lib.merged({**self.frozen, **trainable}, self.lora)
         parts = [("unet", self.unet, "diffusion_pytorch_model")]
         parts += [(name, self.text_models[name], "model") for name in self.encoders]
         if self.latent:
@@ -282,6 +301,12 @@ class UNetCLIP(Family):
                                       metadata={"format": "pt"})
         for i, tok in enumerate(self.tokenizers):
             tok.save_pretrained(os.path.join(path, "tokenizer" if i == 0 else "tokenizer_2"))
+
+    def save_lora(self, path: str, trainable: Params, layout: str) -> None:
+        adapters = {k[: -len(lora_lib.LORA)]: v for k, v in trainable.items() if k.endswith(lora_lib.LORA)}
+        tensors = lora_lib.to_files(adapters, self.lora, layout, len(self.encoders) == 2)
+        meta = {"format": "pt", "rank": str(self.lora.rank), "alpha": str(self.lora.alpha)}
+        convert.write_safetensors(path, tensors, metadata=meta)
 
     def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:
         """Stable Diffusion (XL)'s pipeline; a pixel-space model has no diffusers pipeline."""
@@ -302,7 +327,10 @@ class UNetCLIP(Family):
         return index
 
     def encoding_key(self) -> dict:
-        return {"clip_skip": self.clip_skip, "dtype": jnp.dtype(self.dtype).name, "text_encoders": list(self.encoders)}
+        key = {"clip_skip": self.clip_skip, "dtype": jnp.dtype(self.dtype).name, "text_encoders": list(self.encoders)}
+        if self.frozen_dtype != "float32":  # (absent otherwise: caches built before it stay valid)
+            key["frozen_dtype"] = self.frozen_dtype
+        return key
 
     def export_manifest(self) -> dict:
         return {"clip_skip": self.clip_skip}
@@ -317,10 +345,17 @@ class UNetCLIP(Family):
         """One `.safetensors` in the original SD 1.x / SDXL layout (latent models only)."""
         if not self.latent:
             raise ValueError("a single-file checkpoint holds a VAE (first_stage_model); this model has none")
-        params = jax.device_get({**self.frozen, **trainable})
+        params = jax.device_get(lora_lib.merged({**self.frozen, **trainable}, self.lora))
         parts = {sub: convert.to_pytorch(params[sub]) for sub in ["unet", "vae", *self.encoders]}
         configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config)}
         convert.write_safetensors(path, single_file.from_parts(parts, configs), metadata={"format": "pt"})
+
+
+def extra_args(model: ml_collections.ConfigDict) -> dict:
+    """The LoRA and frozen-weight arguments of `config.model` (absent from older configs)."""
+    lora = model.get("lora")
+    return {"lora": lora_lib.Spec.from_config(lora) if lora else None,
+            "lora_init": lora.init_from if lora else "", "frozen_dtype": model.get("frozen_dtype", "float32")}
 
 
 FAMILY = UNetCLIP
