@@ -36,6 +36,8 @@ examples:
       [--model_source DIR] [--lora [--lora_format diffusers|kohya] | --merge]   (the last two: LoRA runs)
   jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \\
       --steps 50 --seed 0 [--scheduler ddim|euler|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
+  jaxcond sample --config configs/sd15.py --config.model.lora.rank=16 \
+      --config.model.lora.init_from=lora.safetensors --prompt "..." --out grid.png   (a LoRA file, no run)
   jaxcond verify --run runs/demo
 """
 
@@ -172,8 +174,9 @@ def _sample() -> None:
     from jaxcond import xla
     from jaxcond.sample import sample
 
-    if not _WORKDIR.value:
-        raise app.UsageError("sample needs --run DIR (a trained run)")
+    if not _WORKDIR.value and _CONFIG.value is None:
+        raise app.UsageError("sample needs --run DIR (a trained run), or --config FILE and --out FILE.png (the "
+                             "model as configured, e.g. a base with --config.model.lora.init_from=LORA_FILE)")
     try:
         steps = int(_STEPS.value or 50)
     except ValueError:
@@ -187,7 +190,7 @@ def _sample() -> None:
     path = sample(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
                     step=_STEP.value, out=_OUT.value, model_source=_MODEL_SOURCE.value,
-                    lora_scale=_LORA_SCALE.value)
+                    lora_scale=_LORA_SCALE.value, cfg=None if _WORKDIR.value else _CONFIG.value)
     print(f"samples: {path}")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxcond import checkpoint, dropout, train_step as ts
+from jaxcond import checkpoint, config as config_lib, dropout, train_step as ts
 from jaxcond.checks import ConfigError
 from jaxcond.models import registry
 from jaxcond.models.family import Family
@@ -72,3 +72,14 @@ def load_trained(workdir: str, step: int | None = None, model_source: str | None
                                                   lambda shapes: jax.tree.map(lambda _: one, shapes)))
     ckpts.close()
     return Trained(cfg, family, spec, state, step)
+
+
+def load_untrained(cfg: ml_collections.ConfigDict, workdir: str) -> Trained:
+    """A config's model at step 0, no run: its base, with `model.lora.init_from`'s adapters
+    if set (to sample a LoRA file without training). `workdir` holds a locally built base."""
+    config_lib.validate(cfg, None, reads_data=False)
+    family = load_family(cfg, workdir)
+    groups = dropout.groups_from_config(cfg.dropout, family.conditioners, family.batch_conditioners)
+    spec = ts.StepSpec.from_config(cfg, groups, 1)
+    tx, _ = ts.make_optimizer(cfg)
+    return Trained(cfg, family, spec, ts.init_state(family, spec, tx, ts.DTYPES[cfg.train.param_dtype]), 0)

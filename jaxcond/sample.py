@@ -9,8 +9,10 @@ replicated on each.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
 from jaxcond import grid, rundir
@@ -20,12 +22,14 @@ from jaxcond.outputs import make_output_dir
 from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
 
-def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
+def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
              seed: int = 0, scheduler: str = "ddim", negative: str | None = None, weights: str = "ema",
              step: int | None = None, out: str | None = None, model_source: str | None = None,
-             lora_scale: float = 1.0) -> str:
-    """Writes the grid of `prompts` (rows) x `guidance` (columns); returns its path.
-    `lora_scale` scales a LoRA run's adapters (0: the base model)."""
+             lora_scale: float = 1.0, cfg: ml_collections.ConfigDict | None = None) -> str:
+    """Writes the grid of `prompts` (rows) x `guidance` (columns) from run `workdir`, or
+    without a run from `cfg`'s model as it starts (e.g. a base model with a LoRA file,
+    `model.lora.init_from`); returns its path. `lora_scale` scales LoRA adapters (0: the
+    base model)."""
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt")
     if scheduler not in SCHEDULERS:
@@ -34,7 +38,11 @@ def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, s
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
     if out is not None and not out.lower().endswith(".png"):
         raise ConfigError(f"--out {out}: the grid is written as a PNG; give a path ending in .png")
-    t = rundir.load_trained(workdir, step, model_source)
+    if workdir is None and out is None:
+        raise ConfigError("sample --config (no --run): give --out FILE.png, where the grid goes")
+    with tempfile.TemporaryDirectory() as scratch:  # a base the config builds locally (the demo) goes here
+        t = (rundir.load_trained(workdir, step, model_source) if workdir is not None
+             else rundir.load_untrained(cfg, scratch))
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")
@@ -43,7 +51,7 @@ def sample(workdir: str, prompts: Sequence[str], guidance: Sequence[float], *, s
     params = t.params(weights)
     if lora_scale != 1.0:
         if t.family.lora is None:
-            raise ConfigError(f"--lora_scale {lora_scale}: run {workdir!r} trained no LoRA adapters")
+            raise ConfigError(f"--lora_scale {lora_scale}: this model has no LoRA adapters (config.model.lora)")
         params = {**params, "model": lora.scaled(params["model"], lora_scale)}
     images = sample_grid(t.family, t.spec, params, t.family.frozen, list(prompts), list(guidance),
                          seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))

@@ -158,10 +158,23 @@ def test_lora_run_trains_only_adapters_and_exports(config, stand_ins, tmp_path):
     unchanged = "mid_block.resnets.0.conv1.weight"  # not a target: exactly the base
     np.testing.assert_array_equal(merged[unchanged], np.transpose(
         np.asarray(base.trainable["unet"]["mid_block"]["resnets_0"]["conv1"]["kernel"]), (3, 2, 0, 1)))
+    # The exported file samples, without the run, as the run does (guidance 1: nulls unused).
+    from PIL import Image
+
+    from jaxcond.sample import sample
+
+    grids = [sample(str(tmp_path / "run"), ["a red circle"], [1.0], steps=2, weights="raw",
+                    out=str(tmp_path / "run.png"))]
+    from_file = copy.deepcopy(cfg)
+    from_file.model.lora.init_from = str(tmp_path / "lora" / export_lib.LORA_FILE)
+    grids.append(sample(None, ["a red circle"], [1.0], steps=2, weights="raw", out=str(tmp_path / "file.png"),
+                        cfg=from_file))
+    a, b = (np.asarray(Image.open(g), np.int16) for g in grids)
+    assert np.abs(a - b).max() <= 1
     # Resuming with another LoRA spec is refused, naming the field.
     cfg2 = copy.deepcopy(cfg)
     cfg2.model.lora.rank, cfg2.train.steps = 8, 4
-    with pytest.raises(ConfigError, match="model.lora"):
+    with pytest.raises(ConfigError, match=r"config.model.lora.rank: checkpoint has 4, now 8"):
         train_lib.train(cfg2, str(tmp_path / "run"), progress=False)
     assert json.load(open(tmp_path / "lora" / export_lib.MANIFEST))["lora"]["format"] == "diffusers"
 
@@ -171,3 +184,14 @@ def test_bad_lora_config_is_named(config, tmp_path):
     cfg.model.lora.rank, cfg.model.lora.targets = 4, ("attn",)
     with pytest.raises(config_lib.ConfigError, match=r"config.model.lora.targets = \('attn',\): a non-empty tuple"):
         train_lib.build(cfg, str(tmp_path))
+
+
+def test_demo_lora_config_trains(tmp_path):
+    """configs/demo_lora.py as shipped, shrunk to two steps."""
+    from configs import demo_lora
+
+    cfg = demo_lora.get_config()
+    cfg.train.steps, cfg.train.sample_every, cfg.data.num_records = 2, 0, 64
+    out = train_lib.train(cfg, str(tmp_path), progress=False)
+    assert set(out["state"]["params"]["model"]) == {"unet_lora"}
+    assert all(np.isfinite(h["loss"]) for h in out["history"])

@@ -1,0 +1,25 @@
+"""LoRA on the demo: rank-8 adapters of the demo UNet's attention, the base frozen.
+
+configs/demo.py with `model.lora` on; everything else (data, dropout, schedule) as there.
+As it is, the base is the untrained demo model (a quick base: the adapters learn the
+shapes from scratch); fine-tune a trained demo instead by exporting it and naming it as
+the source. The whole path, from training to loading the file in diffusers, is in the
+README's LoRA section:
+
+    jaxcond train --config configs/demo_lora.py --workdir runs/demo_lora \
+        [--config.model.source=runs/demo_model]     # an exported trained demo
+    jaxcond export --workdir runs/demo_lora --out runs/demo_lora_export --lora
+"""
+
+import os
+
+from jaxcond.config import from_file
+
+
+def get_config():
+    c = from_file(os.path.join(os.path.dirname(__file__), "demo.py"))
+    c.model.lora.rank = 8
+    c.model.lora.alpha = 8.0
+    # Attention alone cannot learn the demo from an untrained base: its convolutions too.
+    c.model.lora.targets = ("attention", "feed_forward", "resnet_convs")
+    return c
