@@ -1,13 +1,11 @@
 """LoRA on the demo: rank-8 adapters of the demo UNet's attention, the base frozen.
 
 configs/demo.py with `model.lora` on; everything else (data, dropout, schedule) as there.
-As it is, the base is the untrained demo model (a quick base: the adapters learn the
-shapes from scratch); fine-tune a trained demo instead by exporting it and naming it as
-the source. The whole path, from training to loading the file in diffusers, is in the
-README's LoRA section:
+The base is the untrained demo model, built into the run directory (a quick base: the
+adapters learn the shapes from scratch). The whole path, from training to loading the file
+in diffusers, is in the README's LoRA section:
 
-    jaxcond train --config configs/demo_lora.py --workdir runs/demo_lora \
-        [--config.model.source=runs/demo_model]     # an exported trained demo
+    jaxcond train --config configs/demo_lora.py --workdir runs/demo_lora
     jaxcond export --workdir runs/demo_lora --out runs/demo_lora_export --lora
 """
 

@@ -64,7 +64,10 @@ def topology_devices(name: str) -> tuple[list, Chip]:
     from jax.experimental import topologies
 
     try:
-        topology = topologies.get_topology_desc(platform="tpu", topology_name=name)
+        shape = [int(d) for d in dims.split("x")] + [1] * (3 - len(dims.split("x")))
+        # A host holds 2x2 chips (v5p, v4: 2x2x1); a slice smaller than that is one host.
+        small = {"chips_per_host_bounds": tuple(shape)} if chips < 4 else {}
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=name, **small)
     except Exception as e:  # a shape libtpu does not know, a broken install
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"--topology {name!r}: libtpu cannot describe it ({detail}); use a topology "

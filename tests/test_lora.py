@@ -192,6 +192,15 @@ def test_demo_lora_config_trains(tmp_path):
 
     cfg = demo_lora.get_config()
     cfg.train.steps, cfg.train.sample_every, cfg.data.num_records = 2, 0, 64
-    out = train_lib.train(cfg, str(tmp_path), progress=False)
+    out = train_lib.train(cfg, str(tmp_path / "run"), progress=False)
     assert set(out["state"]["params"]["model"]) == {"unet_lora"}
     assert all(np.isfinite(h["loss"]) for h in out["history"])
+    # The README's way into diffusers: the demo base's UNet (Flax weights) and the file.
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    export_lib.export(str(tmp_path / "run"), str(tmp_path / "export"), lora="diffusers")
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "run" / "base_model" / "unet"))
+    unet.load_lora_adapter(str(tmp_path / "export" / export_lib.LORA_FILE), prefix="unet")
+    adapters = flatten_dict(out["state"]["params"]["model"]["unet_lora"])
+    assert sum(isinstance(m, LoraLayer) for m in unet.modules()) == len(adapters) // 2

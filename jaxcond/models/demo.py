@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jaxcond import outputs
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.data import demo as demo_data
-from jaxcond.models import unet_clip
+from jaxcond.models import convert, unet_clip
 from jaxcond.models.unet_clip import UNetCLIP, _quiet_deprecations
 
 
@@ -144,7 +144,11 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
         layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_heads,
         cross_attention_dim=cfg.text_width * cfg.text_encoders,  # the encoders' features, concatenated
         **added)
-    unet.save_pretrained(os.path.join(path, "unet"), params=_init(unet, seed))
+    params = _init(unet, seed)
+    unet.save_pretrained(os.path.join(path, "unet"), params=params)
+    # Also in PyTorch's layout: diffusers' PyTorch UNet then reads the base of a LoRA file.
+    convert.write_safetensors(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"),
+                              convert.to_pytorch(jax.device_get(params)), metadata={"format": "pt"})
 
 
 class Demo(UNetCLIP):
