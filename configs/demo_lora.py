@@ -7,6 +7,12 @@ in diffusers, is in the README's LoRA section:
 
     jaxcond train --config configs/demo_lora.py --workdir runs/demo_lora
     jaxcond export --workdir runs/demo_lora --out runs/demo_lora_export --lora
+
+The demo is pixel-space, so diffusers has no pipeline for it: load its UNet and the file.
+
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained("runs/demo_lora/base_model/unet")
+    unet.load_lora_adapter("runs/demo_lora_export/pytorch_lora_weights.safetensors", prefix="unet")
 """
 
 import os

@@ -204,3 +204,38 @@ def test_demo_lora_config_trains(tmp_path):
     unet.load_lora_adapter(str(tmp_path / "export" / export_lib.LORA_FILE), prefix="unet")
     adapters = flatten_dict(out["state"]["params"]["model"]["unet_lora"])
     assert sum(isinstance(m, LoraLayer) for m in unet.modules()) == len(adapters) // 2
+
+
+def test_lora_with_fsdp_accumulation_remat_and_text_encoder(config, tmp_path):
+    """LoRA composes with the rest of the step: an fsdp mesh, micro-batches, remat and
+    text-encoder adapters; the losses match the same run on a data-parallel mesh."""
+    cfg = copy.deepcopy(config)
+    cfg.train.steps, cfg.train.grad_accum, cfg.model.remat = 2, 2, "layers"
+    cfg.model.lora.rank, cfg.model.train_text_encoder = 4, True
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.fsdp_min_size = 2, 4, 64
+    out = train_lib.train(copy.deepcopy(cfg), str(tmp_path / "fsdp"), progress=False)
+    assert set(out["state"]["params"]["model"]) == {"unet_lora", "text_encoder_lora"}
+    cfg.mesh.data, cfg.mesh.fsdp = 8, 1
+    want = train_lib.train(cfg, str(tmp_path / "dp"), progress=False)
+    np.testing.assert_allclose([h["loss"] for h in out["history"]], [h["loss"] for h in want["history"]],
+                               rtol=1e-4)
+
+
+def test_lora_scale_zero_samples_the_base(config, tmp_path):
+    """`--lora_scale 0` samples the base model (its config without LoRA, no run); 1 does not."""
+    from PIL import Image
+
+    from jaxcond.sample import sample
+
+    cfg = copy.deepcopy(config)
+    cfg.train.steps, cfg.checkpoint.every_steps, cfg.optim.lr = 2, 2, 1e-2
+    cfg.model.lora.rank = 4
+    train_lib.train(cfg, str(tmp_path / "lora"), progress=False)
+    paths = [sample(str(tmp_path / "lora"), ["a red circle"], [1.0], steps=2, weights="raw", lora_scale=s,
+                    out=str(tmp_path / f"s{s}.png")) for s in (0.0, 1.0)]
+    plain = copy.deepcopy(cfg)
+    plain.model.lora.rank = 0
+    paths.append(sample(None, ["a red circle"], [1.0], steps=2, weights="raw", out=str(tmp_path / "b.png"),
+                        cfg=plain))
+    zero, one, want = (np.asarray(Image.open(p), np.int16) for p in paths)
+    assert np.abs(zero - want).max() <= 1 and np.abs(one - want).max() > 1

@@ -121,3 +121,13 @@ def test_plan_command(tmp_path):
 def test_bad_topology_is_named_in_one_line():
     with pytest.raises(ConfigError, match="expected a TPU topology such as"):
         plan_lib.hardware.topology_devices("h100")
+
+
+def test_plan_on_this_machines_devices(config):
+    """Without --topology the step is compiled for the local devices (a GPU's memory and
+    peak FLOP/s come from hardware.py; a CPU has neither, so no fit is claimed)."""
+    p = plan_lib.plan(copy.deepcopy(config), None, progress=False)
+    assert p.devices == len(jax.devices()) and p.target.endswith("cpu") and p.chip is None
+    assert p.memory.peak >= p.memory.arguments > 0 and p.fits is None
+    text = plan_lib.report(p, config)
+    assert "peak" in text and "fits:" not in text and "roofline" not in text

@@ -6,7 +6,10 @@ A targeted kernel W (a Dense [in, out] or a convolution [kh, kw, in, out]) is us
     W + (alpha / rank) * down @ up,   down [..., in, rank], up [rank, out]
 
 merged inside the step (the merge costs 2 * rank * |W| FLOPs per step, little next to
-the model's; every Flax module then runs unchanged). As kohya and PEFT initialise them,
+the model's; every Flax module then runs unchanged). With bfloat16 compute the merged
+kernel is rounded to bfloat16 like every weight, so an update below about 1/256 of a
+weight shows in the forward pass only once it grows past that (its gradient flows either
+way); float32 compute keeps it exact. As kohya and PEFT initialise them,
 `down` is uniform in +-1/sqrt(fan_in) and `up` is zero, so step 0 is the base model.
 
 Adapters mirror their part's param tree: the kernel at `.../attn1/to_q/kernel` has
