@@ -1,9 +1,8 @@
 """What each `model.remat` policy costs and saves: compiled FLOPs and temporaries per
 device of one train step, every policy against `none`, by `jaxcond plan` for a TPU topology.
 
-The model is the demo's UNet and CLIP widened (2 levels, channels 128/256, cross-attention
-on both, 2 layers per block) at 32x32 px, small enough to compile each policy in under a
-minute on 2 cores; the SD-sized step's `layers` figures are in benchmarks/plan_table.py's
+The model is the demo's UNet and CLIP widened (2 levels of 64 channels, cross-attention
+on both) at 32x32 px, small enough to compile each policy in about a minute on 2 cores; the SD-sized step's `layers` figures are in benchmarks/plan_table.py's
 table. FLOPs come from the compiled program's cost analysis (recomputation included).
 
     .venv/bin/python benchmarks/remat_flops.py [--topology v5e:2x2]
@@ -28,8 +27,8 @@ def widened_config():
 
     cfg = tiny_config()
     d = cfg.model.demo
-    d.unet_channels, d.cross_attention_levels, d.layers_per_block = (128, 256), 2, 2
-    d.text_width, d.attention_heads = 64, 4
+    d.unet_channels, d.cross_attention_levels = (64, 64), 2
+    d.text_width, d.attention_heads = 32, 4
     cfg.data.resolution, cfg.train.global_batch = 32, 16
     cfg.mesh.data, cfg.mesh.fsdp = 1, -1
     return cfg
