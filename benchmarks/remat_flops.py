@@ -47,7 +47,7 @@ def main() -> None:
         rows[policy] = (p.flops, p.memory.temporaries)
         print(f"{policy}: {p.flops:.3e} FLOPs, temporaries {p.memory.temporaries / 2**20:.1f} MiB", flush=True)
     base_flops, base_temp = rows["none"]
-    print(f"\n| policy | FLOPs / step / device | vs none | temporaries | vs none |\n|---|---|---|---|---|")
+    print("\n| policy | FLOPs / step / device | vs none | temporaries | vs none |\n|---|---|---|---|---|")
     for policy, (f, t) in rows.items():
         print(f"| `{policy}` | {f:.3e} | {f / base_flops:.3f} | {t / 2**20:.1f} MiB | {t / base_temp:.3f} |")
 

@@ -188,3 +188,22 @@ def file_config(config: ml_collections.ConfigDict, folder) -> ml_collections.Con
     cfg.data.eval_prompts = ("a red circle on a blue background",)
     cfg.dropout.groups.caption.rate = 0.3
     return cfg
+
+
+@pytest.fixture(scope="session")
+def stand_ins(config, tmp_path_factory) -> dict[str, str]:
+    """Tiny latent models in the SD 1.x/2.x (one encoder, no pooled) and SDXL layouts, as
+    diffusers folders with Flax and PyTorch weights (diffusers' PyTorch classes read them)."""
+    from jaxcond.models import demo as demo_model
+    from jaxcond.models.unet_clip import UNetCLIP
+
+    out = {}
+    for name, encoders, pooled in (("sd", 1, False), ("sdxl", 2, True)):
+        c = copy.deepcopy(config.model.demo)
+        c.vae_channels, c.text_encoders, c.pooled = (32, 32), encoders, pooled
+        src = str(tmp_path_factory.mktemp(name + "_flax"))
+        demo_model.build(src, c, 16, 0)
+        out[name] = str(tmp_path_factory.mktemp(name))
+        family = UNetCLIP(src)
+        family.save(out[name], family.trainable)
+    return out

@@ -10,20 +10,7 @@ import pytest
 
 from conftest import ROOT
 from jaxcond import config as config_lib, dropout, train as train_lib, train_step as ts
-from jaxcond.models import demo as demo_model
 from jaxcond.models.unet_clip import UNetCLIP
-
-
-@pytest.fixture(scope="module")
-def stand_ins(config, tmp_path_factory) -> dict[str, str]:
-    """Tiny latent models in SD 1.x/2.x (one encoder, no pooled) and SDXL layouts."""
-    out = {}
-    for name, encoders, pooled in (("sd", 1, False), ("sdxl", 2, True)):
-        c = copy.deepcopy(config.model.demo)
-        c.vae_channels, c.text_encoders, c.pooled = (32, 32), encoders, pooled
-        out[name] = str(tmp_path_factory.mktemp(name))
-        demo_model.build(out[name], c, 16, 0)
-    return out
 
 
 def shrunk(name: str, model: str, folder) -> "ml_collections.ConfigDict":  # noqa: F821

@@ -13,26 +13,11 @@ from flax.traverse_util import flatten_dict
 
 from jaxcond import config as config_lib, export as export_lib, train as train_lib
 from jaxcond.checks import ConfigError
-from jaxcond.models import convert, demo as demo_model, lora
+from jaxcond.models import convert, lora
 from jaxcond.models.unet_clip import UNetCLIP
 from test_export import UNET_ATOL, _unet_inputs
 
 SPEC = lora.Spec(rank=4, alpha=8.0, targets=("attention", "resnet_convs"))
-
-
-@pytest.fixture(scope="module")
-def stand_ins(config, tmp_path_factory) -> dict[str, str]:
-    """Tiny latent models in the SD 1.x and SDXL layouts (diffusers folders, PyTorch weights too)."""
-    out = {}
-    for name, encoders, pooled in (("sd", 1, False), ("sdxl", 2, True)):
-        c = copy.deepcopy(config.model.demo)
-        c.vae_channels, c.text_encoders, c.pooled = (32, 32), encoders, pooled
-        src = str(tmp_path_factory.mktemp(name + "_flax"))
-        demo_model.build(src, c, 16, 0)
-        out[name] = str(tmp_path_factory.mktemp(name))
-        family = UNetCLIP(src)
-        family.save(out[name], family.trainable)  # both layouts: diffusers' PyTorch classes read it
-    return out
 
 
 def _trained_adapters(family, seed=1):
