@@ -6,8 +6,8 @@ JSON line to --out; --table prints the markdown table of a results file.
     .venv/bin/python benchmarks/plan_table.py [--cases sd15,sdxl_v5e,...] [--out FILE]
     .venv/bin/python benchmarks/plan_table.py --table FILE
 
-Compiling SD 1.5's step takes ~20 min and ~13 GB of RAM on 2 cores; SDXL's needed more than a
-24 GB machine has (benchmarks/README.md). A rerun of a planned step takes seconds.
+Compiling SD 1.5's step for 4 chips takes ~20 min and ~13 GB of RAM on 2 cores, SDXL LoRA's for one
+chip ~15 min; the full SDXL step for 16 chips needed more than a 24 GB machine has. A rerun of a planned step takes seconds.
 """
 
 from __future__ import annotations
