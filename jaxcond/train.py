@@ -107,7 +107,7 @@ def planned_peak(compiled: Any, mesh: jax.sharding.Mesh) -> str:
     m = program.Memory.of(compiled)
     if m is None:
         return "planned peak per device: not reported by this backend"
-    chip = hardware.local_chip(mesh.devices.flat[0])
+    chip = hardware.local_chip(mesh.local_devices[0])  # (memory_stats: this process's devices only)
     of = f" of {chip.hbm_bytes / 2**30:.2f} GiB ({chip.name})" if chip else ""
     return (f"planned peak per device {m.peak / 2**30:.2f} GiB{of}: inputs {m.arguments / 2**30:.2f} GiB, "
             f"temporaries {m.temporaries / 2**30:.2f} GiB")
