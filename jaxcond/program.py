@@ -87,18 +87,19 @@ class Memory:
                       int(m.temp_size_in_bytes), int(m.generated_code_size_in_bytes))
 
 
-def flops(compiled: Any) -> float | None:
-    """The compiled step's floating-point operations per device (recomputation included)."""
+def _cost(compiled: Any, key: str) -> float | None:
+    """One figure of the compiled program's cost analysis (per device), None if absent."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
-    value = (cost or {}).get("flops")
+    value = (cost or {}).get(key)
     return float(value) if value is not None and np.isfinite(value) and value > 0 else None
 
 
+def flops(compiled: Any) -> float | None:
+    """The compiled step's floating-point operations per device (recomputation included)."""
+    return _cost(compiled, "flops")
+
+
 def bytes_accessed(compiled: Any) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    value = (cost or {}).get("bytes accessed")
-    return float(value) if value is not None and value > 0 else None
+    return _cost(compiled, "bytes accessed")
