@@ -1,5 +1,6 @@
 """Output folders made and proven writable before the work whose result they hold, and
-files written under a temporary name and renamed when complete."""
+files written under a temporary name and renamed when complete (on Cloud Storage: written
+locally and uploaded whole)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import shutil
 import uuid
 from collections.abc import Iterator
 
+from jaxcond import storage
 from jaxcond.checks import ConfigError
 
 
 def make_output_dir(path: str, what: str) -> None:
     """Creates the folder `path` (named by the flag or field `what`) and proves it writable,
     before the work whose result would otherwise be lost at the end."""
-    if "://" in path:  # os.makedirs would quietly make a local folder "gs:" instead
-        raise ConfigError(f"{what} {path!r} is a URL, which is not supported yet (files are written "
-                          "locally): use a path every host sees, e.g. a GCS FUSE mount (/gcs/BUCKET/run) or NFS")
+    if storage.is_url(path):  # a bucket has no folders to make: prove it takes objects
+        storage.check_writable(path, what)
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{what} {path!r} is a file, not a folder: choose another path")
     probe = os.path.join(path, f".write_test_{uuid.uuid4().hex}")
@@ -37,7 +39,12 @@ def atomic(path: str) -> Iterator[str]:
     when the block ends without error. A process killed meanwhile leaves the previous
     `path` (or none) and a `<path>.tmp-<pid>` that `remove_stale` clears, never a cut-off
     `path` that a rerun would take for complete. A folder replaces only a missing or empty
-    folder (POSIX rename)."""
+    folder (POSIX rename). On Cloud Storage the block writes a local temporary, uploaded
+    object by object when it ends (an object is replaced whole or not at all)."""
+    if storage.is_url(path):
+        with storage.local_copy(path) as tmp:
+            yield tmp
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         yield tmp
@@ -48,6 +55,8 @@ def atomic(path: str) -> Iterator[str]:
 
 def remove_stale(path: str) -> None:
     """Deletes what `atomic(path)` left behind in processes that were killed."""
+    if storage.is_url(path):
+        return  # uploads leave nothing behind
     folder, name = os.path.split(os.path.abspath(path))
     for entry in os.listdir(folder) if os.path.isdir(folder) else ():
         if entry.startswith(f"{name}.tmp-"):

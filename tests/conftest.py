@@ -207,3 +207,22 @@ def stand_ins(config, tmp_path_factory) -> dict[str, str]:
         family = UNetCLIP(src)
         family.save(out[name], family.trainable)
     return out
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator with bucket `gcs.url()`; this process and the ones it starts reach it
+    through STORAGE_EMULATOR_HOST, as a user's would."""
+    from gcs_emulator import Emulator
+
+    from jaxcond import storage
+
+    emu = Emulator(str(tmp_path_factory.mktemp("gcs")))
+    emu.start()
+    os.environ[storage.EMULATOR] = emu.host
+    for k in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        os.environ.pop(k, None)
+    storage.honour_emulator()
+    yield emu
+    emu.stop()
+    os.environ.pop(storage.EMULATOR, None)

@@ -1,0 +1,270 @@
+"""Where files live: a local path, or a Cloud Storage URL (gs://bucket/path).
+
+The same functions serve both, so a run directory, a compilation cache, a dataset, a
+latent cache or an export may be either. Objects are written whole (an upload replaces an
+object atomically), so a killed process never leaves a cut-off object; the append-only
+logs of a run on Cloud Storage are kept locally and appended to their objects with
+server-side composes (`Mirror`).
+
+Clients: gcsfs here, tensorstore inside Orbax for checkpoints, google-cloud-cpp inside
+ArrayRecord for shards, and jax's own for the compilation cache. The standard
+STORAGE_EMULATOR_HOST (a GCS emulator or private endpoint, e.g. http://127.0.0.1:9023)
+is passed on to each of them at import, so one variable points them all at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+from jaxcond.checks import ConfigError
+
+EMULATOR = "STORAGE_EMULATOR_HOST"
+
+
+class StorageError(OSError):
+    """Reading or writing Cloud Storage failed; the message names the URL and what to do."""
+
+
+def honour_emulator() -> None:
+    """Points tensorstore (Orbax) and google-cloud-cpp (ArrayRecord) at STORAGE_EMULATOR_HOST,
+    which gcsfs and jax read themselves. Settings a user made already are kept."""
+    host = os.environ.get(EMULATOR)
+    if host:
+        host = host if "://" in host else f"http://{host}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+        os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host)
+
+
+honour_emulator()
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def check_url(path: str, what: str) -> None:
+    """A ConfigError for a URL this module cannot use (another scheme, no bucket)."""
+    if not is_url(path):
+        return
+    if not path.startswith("gs://"):
+        raise ConfigError(f"{what} {path!r}: only gs:// URLs are supported (Cloud Storage); use gs://BUCKET/... "
+                          "or a local or mounted folder")
+    if not path[len("gs://"):].split("/")[0]:
+        raise ConfigError(f"{what} {path!r} names no bucket: use gs://BUCKET/path")
+
+
+def join(base: str, *names: str) -> str:
+    return posixpath.join(base, *names) if is_url(base) else os.path.join(base, *names)
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute (a URL is already)."""
+    return path.rstrip("/") if is_url(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def dirname(path: str) -> str:
+    return posixpath.dirname(path.rstrip("/")) if is_url(path) else os.path.dirname(os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _fs(emulator: str | None) -> Any:
+    import gcsfs
+
+    # An emulator takes no credentials; elsewhere the machine's (a TPU VM's service account,
+    # `gcloud auth application-default login`), never a silent anonymous fallback.
+    return gcsfs.GCSFileSystem(token="anon" if emulator else "google_default", use_listings_cache=False,
+                               skip_instance_cache=True)
+
+
+def fs() -> Any:
+    """The gcsfs filesystem for gs:// URLs (one per emulator setting)."""
+    try:
+        return _fs(os.environ.get(EMULATOR))
+    except Exception as e:  # noqa: BLE001 - google.auth raises its own types
+        raise StorageError(
+            f"no Google Cloud credentials found ({type(e).__name__}): on a TPU VM the VM's service account "
+            "is used; elsewhere run `gcloud auth application-default login` or set "
+            "GOOGLE_APPLICATION_CREDENTIALS") from None
+
+
+def _key(url: str) -> str:
+    return url[len("gs://"):].rstrip("/")
+
+
+def describe(e: BaseException, url: str) -> str:
+    """One line for a failed access to `url`: what happened and what to do."""
+    bucket = _key(url).split("/")[0]
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, FileNotFoundError):
+        return f"{url}: not found (does bucket gs://{bucket} exist? create it with `gcloud storage buckets create gs://{bucket}`)"
+    if "Forbidden" in text or "401" in text or "403" in text or "Anonymous caller" in text:
+        return (f"{url}: permission denied ({text}); give this machine's account write access to "
+                f"gs://{bucket} (roles/storage.objectAdmin)")
+    return f"{url}: {type(e).__name__}: {text} (is Cloud Storage reachable from here?)"
+
+
+@contextlib.contextmanager
+def _errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise StorageError(describe(e, url)) from e
+    except Exception as e:  # noqa: BLE001 - aiohttp and gcsfs raise their own types for network faults
+        if type(e).__module__.split(".")[0] in ("aiohttp", "gcsfs", "google", "requests", "asyncio"):
+            raise StorageError(describe(e, url)) from e
+        raise
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    with _errors(path):
+        return fs().exists(_key(path))
+
+
+def isdir(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    with _errors(path):
+        return fs().isdir(_key(path))
+
+
+def listdir(path: str) -> list[str]:
+    """Names in folder `path` (none if it does not exist)."""
+    if not is_url(path):
+        return os.listdir(path) if os.path.isdir(path) else []
+    with _errors(path):
+        try:
+            entries = fs().ls(_key(path), detail=False)
+        except FileNotFoundError:
+            return []
+    return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
+
+
+def remove(path: str) -> None:
+    """Deletes file or folder `path` if it exists."""
+    if not is_url(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    with _errors(path), contextlib.suppress(FileNotFoundError):
+        fs().rm(_key(path), recursive=True)
+
+
+def open_file(path: str, mode: str = "r") -> IO:
+    """Opens a file or object for reading (mode "r" or "rb")."""
+    if not is_url(path):
+        return open(path, mode)
+    with _errors(path):
+        return fs().open(_key(path), mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def upload(local: str, url: str) -> None:
+    """Copies file or folder `local` to `url`, each object in one upload (whole or absent)."""
+    with _errors(url):
+        if os.path.isdir(local):
+            for dirpath, _, names in os.walk(local):
+                for n in sorted(names):
+                    src = os.path.join(dirpath, n)
+                    fs().put_file(src, _key(join(url, os.path.relpath(src, local).replace(os.sep, "/"))))
+        else:
+            fs().put_file(local, _key(url))
+
+
+def download(url: str, local: str) -> None:
+    with _errors(url):
+        fs().get(_key(url), local, recursive=True)
+
+
+def check_writable(url: str, what: str) -> None:
+    """Proves `url` (a folder) writable with a probe object, before work whose result it
+    would hold; a ConfigError naming the URL and the fix otherwise."""
+    check_url(url, what)
+    probe = join(url, f".write_test_{uuid.uuid4().hex}")
+    try:
+        with _errors(url):
+            fs().pipe_file(_key(probe), b"ok")
+            fs().rm_file(_key(probe))
+    except StorageError as e:
+        raise ConfigError(f"{what} is not writable: {e}") from None
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local temporary path to write a file or folder under; uploaded to `url` when the
+    block ends without error."""
+    with tempfile.TemporaryDirectory(prefix="jaxcond-upload-") as tmp:
+        path = os.path.join(tmp, "out")
+        yield path
+        upload(path, url)
+
+
+class Mirror:
+    """The append-only log files of a folder on Cloud Storage (JSON lines, TensorBoard
+    events), written in a local folder and appended to their objects by `sync`.
+
+    A kill loses what was written after the last `sync`; train syncs before each
+    checkpoint, so the logs hold every step before the newest complete checkpoint, and
+    the resume rule (drop the lines of steps that will run again) stays exact."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.local = tempfile.mkdtemp(prefix="jaxcond-logs-")
+        self.synced: dict[str, int] = {}  # relative path -> bytes already in its object
+
+    def fetch(self, name: str) -> str:
+        """Downloads object `name` (if it exists) into the local folder; its local path."""
+        local = os.path.join(self.local, name)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        if exists(join(self.url, name)):
+            download(join(self.url, name), local)
+            self.synced[name] = os.path.getsize(local)
+        return local
+
+    def replace(self, name: str) -> None:
+        """Uploads local file `name` whole, replacing its object (after a rewrite)."""
+        upload(os.path.join(self.local, name), join(self.url, name))
+        self.synced[name] = os.path.getsize(os.path.join(self.local, name))
+
+    def sync(self) -> None:
+        """Appends every local file's new bytes to its object (a new file is uploaded)."""
+        for dirpath, _, names in os.walk(self.local):
+            for n in sorted(names):
+                path = os.path.join(dirpath, n)
+                name = os.path.relpath(path, self.local).replace(os.sep, "/")
+                size, done = os.path.getsize(path), self.synced.get(name, 0)
+                if size == done:
+                    continue
+                url = join(self.url, name)
+                if not done:
+                    upload(path, url)
+                else:
+                    with open(path, "rb") as f:
+                        f.seek(done)
+                        tail = f.read(size - done)
+                    part = f"{url}.part-{uuid.uuid4().hex}"
+                    with _errors(url):
+                        fs().pipe_file(_key(part), tail)
+                        fs().merge(_key(url), [_key(url), _key(part)])  # compose: atomic, server-side
+                        fs().rm_file(_key(part))
+                self.synced[name] = size
+
+    def close(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
