@@ -224,6 +224,7 @@ def _main(argv: list[str], command: str) -> None:
     from jaxcond.checks import ConfigError
     from jaxcond.data.files import DataError
     from jaxcond.models.convert import WeightsMismatch
+    from jaxcond.storage import StorageError
     from jaxcond.train import NonFiniteError
     from jaxcond.xla import compilation_cache
 
@@ -235,8 +236,9 @@ def _main(argv: list[str], command: str) -> None:
         {"train": _train, "plan": _plan, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
          "sample": _sample, "verify": _verify}[command]()
     except (ConfigError, DataError, FileNotFoundError, NotImplementedError, WeightsMismatch,
-            CheckpointError, NonFiniteError) as e:
-        # Bad configs, model folders and weights are the user's to fix: the message, not a traceback.
+            CheckpointError, NonFiniteError, StorageError) as e:
+        # Bad configs, model folders, weights and storage faults are the user's to fix: the message,
+        # not a traceback.
         sys.exit(f"jaxcond {command}: {e}")
 
 
