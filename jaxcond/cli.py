@@ -85,8 +85,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 # training loads the programs an earlier process compiled on this machine.
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxcond/jax",
-    "JAX's persistent compilation cache: compiled programs are kept here and reused by later "
-    "runs on this machine (reruns, resumes, sampling); empty turns it off. "
+    "JAX's persistent compilation cache, a folder or gs://BUCKET/path: compiled programs are kept "
+    "here and reused by later runs (reruns, resumes, sampling); empty turns it off. "
     "JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 
@@ -230,8 +230,8 @@ def _main(argv: list[str], command: str) -> None:
 
     try:
         compilation_cache(_COMPILATION_CACHE.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    except ValueError as e:  # a file or another scheme: the flag's value, in one line
+        sys.exit(f"jaxcond {command}: {e}")
     try:
         {"train": _train, "plan": _plan, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
          "sample": _sample, "verify": _verify}[command]()

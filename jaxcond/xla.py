@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from jaxcond import storage
 from jaxcond.checks import ConfigError
 from jaxcond.outputs import make_output_dir
 
@@ -99,31 +100,36 @@ def cpu_runtime() -> bool:
 
 
 def compilation_cache(directory: str) -> str | None:
-    """Turns on JAX's persistent compilation cache in `directory` ("" = off); returns the
-    directory in use, or None.
+    """Turns on JAX's persistent compilation cache in `directory` ("" = off), a folder or a
+    Cloud Storage URL (gs://BUCKET/path); returns the directory in use, or None.
 
     Call it before the process compiles anything (jax decides once per process).
     JAX_COMPILATION_CACHE_DIR, jax's own setting, wins when set. jax keys each program by
     its HLO, compiler options, devices and jax version, so a cached program is the one a
     fresh compile would give (the bits do not change), and stores only programs that took
     over a second to compile. Only process 0 of a multi-host run writes, so there the
-    directory should be one all hosts read (NFS, a GCS FUSE mount). A directory that
-    cannot be written is logged and skipped: the run then compiles as without a cache.
-    Raises ValueError for a URL (gs://...): like run directories, buckets are untested
-    here and would need a filesystem package jaxcond does not install; and for a file.
+    directory should be one all hosts read: a gs:// URL, NFS or a GCS FUSE mount. jax
+    reads and writes gs:// itself (etils.epath over gcsfs, which honours
+    STORAGE_EMULATOR_HOST). A directory that cannot be written (no bucket, no permission,
+    no credentials) is logged and skipped: the run then compiles as without a cache.
+    Raises ValueError for a file, or a URL of another scheme or without a bucket.
     """
     current = jax.config.jax_compilation_cache_dir
     if current or not directory:
         return current or None
-    if "://" in directory:
-        raise ValueError(f"--compilation_cache {directory}: buckets are not supported (as for run "
-                         "directories); use a local or mounted folder (NFS, GCS FUSE), or "
-                         "--compilation_cache= to turn the cache off")
-    path = os.path.abspath(os.path.expanduser(directory))
-    if os.path.exists(path) and not os.path.isdir(path):  # a mistyped flag, not a passing problem
-        raise ValueError(f"--compilation_cache {directory}: is a file, not a folder; pass a folder, or "
-                         "--compilation_cache= to turn the cache off")
+    if storage.is_url(directory):
+        try:
+            storage.check_url(directory, "--compilation_cache")
+        except ConfigError as e:  # a mistyped flag: refused, as a file is
+            raise ValueError(f"{e}, or --compilation_cache= to turn the cache off") from None
+        path = storage.absolute(directory)
+    else:
+        path = os.path.abspath(os.path.expanduser(directory))
+        if os.path.exists(path) and not os.path.isdir(path):  # a mistyped flag, not a passing problem
+            raise ValueError(f"--compilation_cache {directory}: is a file, not a folder; pass a folder, or "
+                             "--compilation_cache= to turn the cache off")
     try:
+        # Proven once, up front: jax itself would warn at every write to a missing bucket.
         make_output_dir(path, "the folder")
     except ConfigError as e:
         log.warning("no compilation cache (--compilation_cache %s: %s); compiling every program afresh. "

@@ -1,5 +1,5 @@
 """jaxcond.xla: the CPU runtime settings, in processes with one CPU device (as the demo
-runs), and the persistent compilation cache."""
+runs), and the persistent compilation cache (a folder or a gs:// bucket)."""
 
 import json
 import os
@@ -113,18 +113,39 @@ def test_compilation_cache_defers_to_jax_and_can_be_off(tmp_path):
     assert f"--compilation_cache {tmp_path / 'file' / 'cache'}" in r["stderr"]
 
 
-def test_cli_turns_the_compilation_cache_on_and_refuses_a_bucket(tmp_path):
+def test_compilation_cache_in_a_bucket_serves_the_next_process(gcs):
+    """--compilation_cache=gs://...: jax writes the entries as objects (the emulator here)
+    and a second process loads them; a missing bucket is named and compiled without."""
+    from jaxcond import storage
+
+    url = gcs.url("xla", "jax_cache")
+    first, second = _cached(url), _cached(url + "/")
+    assert first["used"] == second["used"] == url
+    assert first["hits"] == 0 and second["hits"] >= 1
+    assert second["y"] == first["y"]
+    assert any(name.endswith("-cache") for name in storage.listdir(url))
+    r = _cached("gs://no-such-bucket/jax_cache")
+    assert r["used"] is None and r["y"] == first["y"]
+    assert "no compilation cache (--compilation_cache gs://no-such-bucket/jax_cache:" in r["stderr"]
+    assert "gcloud storage buckets create gs://no-such-bucket" in r["stderr"]
+
+
+def test_cli_turns_the_compilation_cache_on_and_refuses_other_urls(tmp_path):
     env = _cache_env()
     r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
                         "--steps", "0:1", f"--compilation_cache={tmp_path / 'c'}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert os.listdir(tmp_path / "c")
-    r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
-                        "--compilation_cache=gs://bucket/jax_cache"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "--compilation_cache gs://bucket/jax_cache: buckets are not supported" in r.stderr
-    assert "Traceback" not in r.stderr and not (ROOT / "gs:").exists()
+    for url, message in (("s3://bucket/jax_cache", "only gs:// URLs are supported"),
+                         ("gs:///jax_cache", "names no bucket")):
+        r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
+                            f"--compilation_cache={url}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and not r.stdout
+        (line,) = r.stderr.splitlines()  # one line, no flag listing or traceback
+        assert line.startswith(f"jaxcond masks: --compilation_cache {url!r}") and message in line, line
+        assert not (ROOT / url.split("/")[0]).exists()
     (tmp_path / "a_file").write_text("")
     r = subprocess.run([sys.executable, "-m", "jaxcond.cli", "masks", "--config", "configs/demo.py",
                         f"--compilation_cache={tmp_path / 'a_file'}"], cwd=ROOT, env=env,
