@@ -8,7 +8,9 @@ frozen params are reloaded from the model source.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 process killed mid-write (even SIGKILL) leaves the previous checkpoints intact and a
-partial folder that `Checkpoints` reports and removes on the next start.
+partial folder that `Checkpoints` reports and removes on the next start. Cloud Storage
+has no rename: there Orbax writes the step's folder in place and its `commit_success.txt`
+last, and a step folder without that marker is the partial one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import sys
 from typing import Any
 
@@ -26,10 +26,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcond import storage
 from jaxcond.checks import int_at_least
 
 log = logging.getLogger("jaxcond")
 PARTIAL_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a checkpoint still being written
+COMMIT_MARK = "commit_success.txt"  # Orbax's last object of a checkpoint on Cloud Storage
 
 
 class CheckpointError(RuntimeError):
@@ -38,9 +40,17 @@ class CheckpointError(RuntimeError):
 
 def partial_checkpoints(directory: str) -> list[str]:
     """Folders of checkpoints whose writing never finished (the process died first)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(n for n in os.listdir(directory) if PARTIAL_MARK in n)
+    names = storage.listdir(directory)
+    if storage.is_url(directory):
+        return [n for n in names if n.isdigit() and not storage.exists(storage.join(directory, n, COMMIT_MARK))]
+    return [n for n in names if PARTIAL_MARK in n]
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps whose checkpoint is complete in `directory` (read from storage, not from a
+    manager's memory, which also lists a save still being written)."""
+    partial = set(partial_checkpoints(directory))
+    return sorted(int(n) for n in storage.listdir(directory) if n.isdigit() and n not in partial)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -109,7 +119,7 @@ class Checkpoints:
         """`host_copy`: save a host (numpy) copy of the state, fetched in one transfer,
         instead of the device arrays, and restore through one too; None: when this is the
         only process (see `save` and `restore`)."""
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.host_copy = jax.process_count() == 1 if host_copy is None else host_copy
         self.partial = partial_checkpoints(self.directory)
         if not read_only:
@@ -118,7 +128,7 @@ class Checkpoints:
             log.warning("ignoring %d partial checkpoint(s) in %s, left by a process that died while "
                         "writing them: %s", len(self.partial), self.directory, ", ".join(self.partial))
             for name in self.partial:  # Orbax never reads them; only process 0 deletes
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                storage.remove(storage.join(self.directory, name))
         options = (ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
                    if read_only else
                    ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
@@ -173,18 +183,23 @@ class Checkpoints:
         return self._mgr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
     def complete_steps(self) -> list[int]:
-        """Steps whose checkpoint folder is on disk and finished (read from disk, not from
-        the manager's memory, which also lists a save still being written)."""
-        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
-        return sorted(int(n) for n in names if n.isdigit())
+        return complete_steps(self.directory)
 
     def _write_error(self, e: Exception) -> CheckpointError:
-        done = self.complete_steps()
-        return CheckpointError(
-            f"writing a checkpoint into {self.directory} failed ({type(e).__name__}: {e}). "
-            + (f"The newest complete checkpoint, step {max(done)}, is intact: free space or fix the "
-               "directory, then rerun the same command to resume from it."
-               if done else "No earlier checkpoint exists: free space or fix the directory and rerun."))
+        fix = ("restore access to the bucket (network, permissions)" if storage.is_url(self.directory)
+               else "free space or fix the directory")
+        try:
+            done = self.complete_steps()
+        except storage.StorageError:  # the storage that failed the write may fail the listing too
+            done = None
+        newest = (f"The newest complete checkpoint, step {max(done)}, is intact: {fix}, then rerun the same "
+                  "command to resume from it." if done else
+                  f"No earlier checkpoint exists: {fix} and rerun." if done is not None else
+                  f"The complete checkpoints written before are intact: {fix}, then rerun the same command "
+                  "to resume from the newest.")
+        cause = str(e).splitlines()[0] if str(e) else ""
+        return CheckpointError(f"writing a checkpoint into {self.directory} failed ({type(e).__name__}: "
+                               f"{cause}). {newest}")
 
     def shape_conflicts(self, step: int, target: Any) -> list[str]:
         """Arrays of the saved `state` whose path, shape or dtype differ from `target`'s

@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from jaxcond import outputs
+from jaxcond import outputs, storage
 
 _GRID_GAP = 2
 _GAP_COLOR = (128, 128, 128)  # mid-grey so tiles with white or black backgrounds stay separated
@@ -111,7 +111,7 @@ def save_grid(
 ) -> None:
     """Write :func:`grid_array` as a PNG at ``path``, creating parent directories."""
     arr = grid_array(images, nrow, row_labels=row_labels, col_labels=col_labels, scale=scale)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    if not storage.is_url(path):  # a bucket has no folders to make
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with outputs.atomic(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")

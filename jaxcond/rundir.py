@@ -4,13 +4,12 @@ config, model and restored checkpoint (`jaxcond export`, `sample`, `verify`)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from jaxcond import checkpoint, config as config_lib, dropout, train_step as ts
+from jaxcond import checkpoint, config as config_lib, dropout, storage, train_step as ts
 from jaxcond.checks import ConfigError
 from jaxcond.models import registry
 from jaxcond.models.family import Family
@@ -46,7 +45,7 @@ def load_trained(workdir: str, step: int | None = None, model_source: str | None
     """The newest checkpoint of run `workdir` (or that of `step`), restored on one device.
     `model_source` replaces the saved config.model.source: the base model moved."""
     # Read-only: a run still training may be writing into the same folder.
-    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
+    ckpts = checkpoint.Checkpoints(storage.join(workdir, "checkpoints"), every_steps=1, keep=1,
                                    async_save=False, read_only=True)
     steps = ckpts.all_steps()
     if not steps:

@@ -1,5 +1,9 @@
 """Process 0's record of a run: TensorBoard scalars and images, metrics.jsonl, masks.jsonl,
-sample PNGs and the adherence summary. Other processes log nothing."""
+sample PNGs and the adherence summary. Other processes log nothing.
+
+A run directory on Cloud Storage cannot be appended to in place: there the logs are
+written in a local folder and appended to their objects at each checkpoint (`sync`,
+storage.Mirror), so a kill loses only lines of steps that the resume runs again."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from jaxcond import distributed, masks as masks_lib, outputs
+from jaxcond import distributed, masks as masks_lib, outputs, storage
 from jaxcond.data.pipeline import Data
 from jaxcond.train_step import StepSpec
 
@@ -25,10 +29,11 @@ def format_scores(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def truncate_jsonl(path: str, keep: Any) -> None:
-    """Keeps the records `keep` accepts; a torn last line (killed mid-write) goes too."""
+def truncate_jsonl(path: str, keep: Any) -> bool:
+    """Keeps the records `keep` accepts; a torn last line (killed mid-write) goes too.
+    False if there is no such file."""
     if not os.path.exists(path):
-        return
+        return False
     kept = []
     with open(path) as f:
         for line in f:
@@ -39,6 +44,7 @@ def truncate_jsonl(path: str, keep: Any) -> None:
                 pass
     with outputs.atomic(path) as tmp, open(tmp, "w") as f:  # a kill mid-rewrite keeps the old lines
         f.writelines(kept)
+    return True
 
 
 class RunLog:
@@ -55,11 +61,18 @@ class RunLog:
         self.spec, self.data, self.workdir, self.active = spec, data, workdir, distributed.is_main_process()
         self.pending: list[tuple[int, dict[str, jax.Array], dict[str, jax.Array]]] = []
         self.last_t, self.last_step = time.perf_counter(), start
-        self.writer = SummaryWriter(os.path.join(workdir, "tb")) if self.active else None
+        # Where the logs are written: the run directory, or a local stand-in for one on Cloud Storage.
+        self.mirror = storage.Mirror(workdir) if self.active and storage.is_url(workdir) else None
+        self.dir = self.mirror.local if self.mirror else workdir
+        self.writer = SummaryWriter(os.path.join(self.dir, "tb")) if self.active else None
         if self.active:
             # Steps after the restored checkpoint will run again: drop their old lines.
-            truncate_jsonl(os.path.join(workdir, "masks.jsonl"), lambda r: r["step"] < start)
-            truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda r: r["step"] <= start)
+            for name, keep in (("masks.jsonl", lambda r: r["step"] < start),
+                               ("metrics.jsonl", lambda r: r["step"] <= start)):
+                if self.mirror:
+                    self.mirror.fetch(name)
+                if truncate_jsonl(os.path.join(self.dir, name), keep) and self.mirror:
+                    self.mirror.replace(name)
 
     def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
         groups = [g.name for g in self.spec.groups if f"dropped/{g.name}" in metrics]
@@ -73,18 +86,31 @@ class RunLog:
         scalars["step_time"] = (now - self.last_t) / (done - self.last_step)
         scalars["examples_per_s"] = self.spec.global_batch / scalars["step_time"]
         self.last_t, self.last_step = now, done
-        pending, self.pending = jax.device_get(self.pending), []
+        self._write_masks()
         if self.active:
-            spe = self.spec.steps_per_epoch
-            with open(os.path.join(self.workdir, "masks.jsonl"), "a") as f:
-                for step, masks, rates in pending:
-                    record = masks_lib.to_record(step, spe, rates, masks, self.data.ids(step))
-                    f.write(json.dumps(record) + "\n")
-            with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": done, **scalars}) + "\n")
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, done)
         return scalars
+
+    def _write_masks(self) -> None:
+        pending, self.pending = jax.device_get(self.pending), []
+        if self.active:
+            spe = self.spec.steps_per_epoch
+            with open(os.path.join(self.dir, "masks.jsonl"), "a") as f:
+                for step, masks, rates in pending:
+                    record = masks_lib.to_record(step, spe, rates, masks, self.data.ids(step))
+                    f.write(json.dumps(record) + "\n")
+
+    def sync(self) -> None:
+        """Writes the masks of every step so far and, on Cloud Storage, appends all new log
+        lines and events to their objects. Called before each checkpoint, so the logs hold
+        every step before the newest complete checkpoint."""
+        self._write_masks()
+        if self.mirror:
+            self.writer.flush()
+            self.mirror.sync()
 
     def samples(self, done: int, final: bool, grid: np.ndarray, scores: dict) -> None:
         if not self.active:
@@ -94,15 +120,18 @@ class RunLog:
             for k, v in s.items():
                 self.writer.add_scalar(f"adherence/{col}/{k}", v, done)
         name = "samples_final.png" if final else f"samples_{done:06d}.png"
-        with outputs.atomic(os.path.join(self.workdir, name)) as tmp:
+        with outputs.atomic(storage.join(self.workdir, name)) as tmp:
             Image.fromarray(grid).save(tmp, format="PNG")
 
     def close(self, scores: dict) -> None:
         if not self.active:
             return
         self.writer.close()
+        if self.mirror:
+            self.mirror.sync()
+            self.mirror.close()
         if scores:
-            with outputs.atomic(os.path.join(self.workdir, "adherence.json")) as tmp, open(tmp, "w") as f:
+            with outputs.atomic(storage.join(self.workdir, "adherence.json")) as tmp, open(tmp, "w") as f:
                 json.dump(scores, f, indent=2)
             print("caption adherence of held-out samples (fraction right):\n" + format_scores(scores))
-            print(f"samples: {os.path.join(self.workdir, 'samples_final.png')}")
+            print(f"samples: {storage.join(self.workdir, 'samples_final.png')}")

@@ -8,14 +8,13 @@ replicated on each.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 
-from jaxcond import grid, rundir
+from jaxcond import grid, rundir, storage
 from jaxcond.checks import ConfigError
 from jaxcond.models import lora
 from jaxcond.outputs import make_output_dir
@@ -46,8 +45,8 @@ def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")
-    out = out or os.path.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
-    make_output_dir(os.path.dirname(os.path.abspath(out)), "--out's folder")  # before sampling
+    out = out or storage.join(workdir, "samples", f"step{t.step}-{scheduler}-seed{seed}.png")
+    make_output_dir(storage.dirname(out), "--out's folder")  # before sampling
     params = t.params(weights)
     if lora_scale != 1.0:
         if t.family.lora is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import posixpath
 import shutil
@@ -176,6 +177,40 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes object `url` whole."""
+    with _errors(url):
+        fs().pipe_file(_key(url), data)
+
+
+def read_ranges(paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+    """Bytes [start, end) of each file or object (all local, or all URLs); the objects'
+    ranges are fetched concurrently, so a host reads only the parts it needs at the cost
+    of about one request's latency."""
+    if paths and is_url(paths[0]):
+        with _errors(paths[0]):
+            return fs().cat_ranges([_key(p) for p in paths], list(starts), list(ends), on_error="raise")
+    out = []
+    for path, start, end in zip(paths, starts, ends):
+        with open(path, "rb") as f:
+            f.seek(start)
+            out.append(f.read(end - start))
+    return out
+
+
+def stat_folder(url: str) -> dict[str, tuple[int, str] | None]:
+    """Each name in folder `url` (a gs:// URL) with its object's (size in bytes,
+    generation), None for a sub-folder; empty if there is none. One listing answers for
+    all of a folder's objects, where asking object by object takes a request each."""
+    with _errors(url):
+        try:
+            entries = fs().ls(_key(url), detail=True)
+        except FileNotFoundError:
+            return {}
+    return {posixpath.basename(e["name"].rstrip("/")): None if e["type"] == "directory"
+            else (int(e["size"]), str(e.get("generation", e.get("updated", "")))) for e in entries}
+
+
 def upload(local: str, url: str) -> None:
     """Copies file or folder `local` to `url`, each object in one upload (whole or absent)."""
     with _errors(url):
@@ -191,6 +226,37 @@ def upload(local: str, url: str) -> None:
 def download(url: str, local: str) -> None:
     with _errors(url):
         fs().get(_key(url), local, recursive=True)
+
+
+def local_folder(url: str) -> str:
+    """A local copy of folder `url` (a model, say) for libraries that read only local files,
+    downloaded once into ~/.cache/jaxcond/gcs (XDG_CACHE_HOME) and reused while the folder's
+    objects (names, sizes, checksums) are unchanged."""
+    with _errors(url):
+        objects = fs().find(_key(url), detail=True)
+    if not objects:
+        raise FileNotFoundError(f"{url} holds no files")
+    listing = sorted((k, o.get("size"), o.get("md5Hash") or o.get("crc32c")) for k, o in objects.items())
+    digest = hashlib.sha256(repr((url, listing)).encode()).hexdigest()[:24]
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxcond", "gcs")
+    local = os.path.join(root, f"{posixpath.basename(_key(url))}-{digest}")
+    if not os.path.isdir(local):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=".download-")
+        try:
+            prefix = _key(url) + "/"
+            with _errors(url):
+                for key in objects:
+                    dest = os.path.join(tmp, *key[len(prefix):].split("/"))
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    fs().get_file(key, dest)
+            os.replace(tmp, local)  # whole or not at all, also when two processes race
+        except OSError:
+            if not os.path.isdir(local):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
 
 
 def check_writable(url: str, what: str) -> None:

@@ -12,7 +12,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from jaxcond.checks import ConfigError
 from jaxcond.data import pipeline, sources
 from jaxcond.distributed import is_main_process
 from jaxcond.models.family import Family
-from jaxcond import outputs
+from jaxcond import outputs, storage
 from jaxcond.outputs import make_output_dir
 from jaxcond.rundir import load_family
 from jaxcond.runlog import RunLog
@@ -192,7 +191,10 @@ class NonFiniteError(RuntimeError):
 
 
 def check_free_space(workdir: str, state: Any) -> None:
-    """Refuses to start when the disk cannot hold even one checkpoint of `state`."""
+    """Refuses to start when the disk cannot hold even one checkpoint of `state` (a bucket
+    has no such limit to read)."""
+    if storage.is_url(workdir):
+        return
     need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     free = shutil.disk_usage(workdir).free
     if free < need:
@@ -219,14 +221,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
     make_output_dir(workdir, "--workdir")  # before anything expensive starts
     with preemption.StopRequests() as stop:  # from here on, SIGTERM/Ctrl-C end the run cleanly
         run = build(cfg, workdir)
-        ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+        ckpts = checkpoint.Checkpoints(storage.join(workdir, "checkpoints"),
                                        every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
         state = restore_or_init(run, ckpts, allow_config_change)
         check_free_space(workdir, state)
         start = int(state["step"])
         if is_main_process():
-            with outputs.atomic(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
+            with outputs.atomic(storage.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
                 json.dump(checkpoint.config_to_json(cfg), f, indent=2)
             log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
                 run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,
@@ -258,6 +260,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                     interrupted |= 0 <= limit < skipped
                 bar.update(1)
                 if done % cfg.checkpoint.every_steps == 0 or done == end or interrupted:
+                    runlog.sync()  # the logs first: they then hold every step before the checkpoint
                     ckpts.save(done, state, cfg, run.data.state(done), force=True)
                 if interrupted:
                     break

@@ -12,21 +12,20 @@ Checks, reading only the run directory (and the model/data sources its config na
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxcond import checkpoint, masks as masks_lib, rundir
+from jaxcond import checkpoint, masks as masks_lib, rundir, storage
 
 
 def _logged_masks(path: str) -> tuple[dict[int, dict], int]:
     """{step: record} of masks.jsonl and the number of unreadable lines (a torn last write)."""
     records, torn = {}, 0
-    if os.path.exists(path):
-        with open(path) as f:
+    if storage.exists(path):
+        with storage.open_file(path) as f:
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -50,7 +49,7 @@ def _ranges(steps: list[int]) -> str:
 def verify(workdir: str, report: Callable[[str], None] = print, model_source: str | None = None) -> list[str]:
     """Runs the checks, reporting each result line; returns the problems found (none: all good)."""
     problems: list[str] = []
-    directory = os.path.join(workdir, "checkpoints")
+    directory = storage.join(workdir, "checkpoints")
     ckpts = checkpoint.Checkpoints(directory, every_steps=1, keep=1, read_only=True)
     steps = ckpts.complete_steps()
     if ckpts.partial:
@@ -63,7 +62,7 @@ def verify(workdir: str, report: Callable[[str], None] = print, model_source: st
     cfg = ml_collections.ConfigDict(ckpts.saved_config(latest))
     saved_data = ckpts.saved_data(latest)
 
-    logged, torn = _logged_masks(os.path.join(workdir, "masks.jsonl"))
+    logged, torn = _logged_masks(storage.join(workdir, "masks.jsonl"))
     if torn:
         report(f"masks.jsonl: {torn} unreadable line(s) (a write cut off by a kill; the next start drops them)")
     missing = [s for s in range(latest) if s not in logged]

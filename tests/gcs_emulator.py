@@ -25,8 +25,8 @@ class Emulator:
         self.host = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-        self.proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={self.port}",
+        server = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py")
+        self.proc = subprocess.Popen([sys.executable, server, "start", "--host=127.0.0.1", f"--port={self.port}",
                                       f"--default-bucket={BUCKET}", "--quiet"], cwd=self.folder,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.time()

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 
-from jaxcond import outputs
+from jaxcond import outputs, storage
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.data import demo as demo_data
 from jaxcond.models import convert, unet_clip
@@ -195,15 +195,22 @@ class Demo(UNetCLIP):
             if not workdir:
                 raise ConfigError("config.model.source = 'demo' builds the demo model into the run directory: "
                                   "pass --workdir (where the demo model is)")
-            path = os.path.join(workdir, "base_model")
-            if jax.process_index() == 0 and not os.path.isdir(path):
+            path = storage.join(workdir, "base_model")
+            # On Cloud Storage a folder is uploaded object by object: a marker object, written
+            # last, tells a complete one from an upload a kill cut short.
+            done = storage.join(path, ".complete") if storage.is_url(path) else path
+            if jax.process_index() == 0 and not storage.exists(done):
                 # Built aside and renamed: a kill mid-build must not leave a folder that
                 # later starts would load as the model.
                 outputs.remove_stale(path)
                 with outputs.atomic(path) as tmp:
                     build(tmp, model.demo, resolution, model.demo.init_seed)
+                if done != path:
+                    storage.write_bytes(done, b"")
             if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
                 multihost_utils.sync_global_devices("jaxcond: demo model built")
+            if storage.is_url(path):
+                path = storage.local_folder(path)  # the loaders read local files
         return cls(path, dtype=dtype, clip_skip=model.clip_skip, train_text_encoder=model.train_text_encoder,
                    base=model.base, remat=model.get("remat", "none"), shapes_only=shapes_only,
                    **unet_clip.extra_args(model))

@@ -8,12 +8,14 @@ module plus its config file, and nothing else in jaxcond names a concrete family
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcond import storage
 from jaxcond.checks import ConfigError
 from jaxcond.models.family import Family
 
@@ -60,7 +62,12 @@ def check_config(model: ml_collections.ConfigDict) -> type[Family]:
 
 def from_config(model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
                 resolution: int, shapes_only: bool = False) -> Family:
-    """The family of `config.model`, loaded (`Family.from_config`)."""
+    """The family of `config.model`, loaded (`Family.from_config`). A source on Cloud
+    Storage is read from a local copy (storage.local_folder): model libraries read files."""
+    if storage.is_url(model.source):
+        model = copy.deepcopy(model)
+        with model.unlocked():
+            model.source = storage.local_folder(model.source)
     extra = {"shapes_only": True} if shapes_only else {}  # families written before it still load
     return family_class(family_name(model)).from_config(model, workdir=workdir, dtype=dtype,
                                                           resolution=resolution, **extra)

@@ -1,0 +1,65 @@
+"""gcp-storage-emulator with the parts of the GCS JSON API that tensorstore (Orbax's
+writer) relies on and the emulator lacks: the generation preconditions (ifGenerationMatch,
+ifGenerationNotMatch) on reads, writes and deletes, and the x-goog-generation header of a
+media read. Run as `python gcs_emulator_server.py start --host ... --port ...`, the
+emulator's own command line. Its server handles one request at a time, so a precondition
+check and the write it guards cannot interleave with another request."""
+
+import sys
+from http import HTTPStatus
+
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
+
+def _generation(storage, bucket: str, name: str) -> int:
+    """The object's generation; 0 when there is none (GCS's meaning of ifGenerationMatch=0)."""
+    try:
+        return int(storage.get_file_obj(bucket, name)["generation"])
+    except NotFound:
+        return 0
+
+
+def _object_name(request) -> str | None:
+    if "object_id" in request.params:
+        return request.params["object_id"]
+    if "name" in request.query:
+        return request.query["name"][0]
+    return None
+
+
+def _guarded(handler, read: bool):
+    def run(request, response, storage, *args, **kwargs):
+        bucket, name = request.params.get("bucket_name"), _object_name(request)
+        match, not_match = request.query.get("ifGenerationMatch"), request.query.get("ifGenerationNotMatch")
+        if name is not None and (match or not_match):
+            current = _generation(storage, bucket, name)
+            if read and current == 0:
+                response.status = HTTPStatus.NOT_FOUND
+                return None
+            if match and int(match[0]) != current:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+            if not_match and int(not_match[0]) == current:
+                response.status = HTTPStatus.NOT_MODIFIED if read else HTTPStatus.PRECONDITION_FAILED
+                response["x-goog-generation"] = str(current)
+                return None
+        if read and name is not None:
+            current = _generation(storage, bucket, name)
+            if current:
+                response["x-goog-generation"] = str(current)
+        return handler(request, response, storage, *args, **kwargs)
+
+    return run
+
+
+# Patched before the server module builds its routing table from these functions.
+objects.download = _guarded(objects.download, read=True)
+objects.get = _guarded(objects.get, read=True)
+objects.insert = _guarded(objects.insert, read=False)
+objects.delete = _guarded(objects.delete, read=False)
+
+from gcp_storage_emulator.__main__ import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
