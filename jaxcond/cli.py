@@ -23,7 +23,8 @@ commands:
           masks do not depend on the mesh, so config.mesh is not used)
   cache   precompute decoded images and text-encoder outputs into config.data.cache
   shards  write a folder/metadata source as ArrayRecord shards into --shards_out
-  export  write run --workdir as a diffusers-format folder (Flax + PyTorch) into --out
+  export  write run --workdir as a diffusers-format folder (Flax + PyTorch) into --out (a folder
+          or gs://BUCKET/path)
   sample  a PNG grid of --prompt x --guidance from run --workdir (or --run)
   verify  check run --run's logged masks against its config and that its checkpoint restores
 
@@ -52,7 +53,7 @@ _STEPS = flags.DEFINE_string("steps", None, "masks: half-open step range A:B, 0 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: a TPU topology to compile for, e.g. v5e:2x2, v5e:4x4, "
                                 "v5p:2x2x1 (needs the tpu extra); default: this machine's devices.")
 _SHARDS_OUT = flags.DEFINE_string("shards_out", None, "shards: output folder.")
-_OUT = flags.DEFINE_string("out", None, "export: output folder; sample: output PNG.")
+_OUT = flags.DEFINE_string("out", None, "export: output folder or gs://BUCKET/path; sample: output PNG.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "export/sample: EMA or raw trainable weights.")
 _STEP = flags.DEFINE_integer("step", None, "export/sample: checkpoint step (default: the newest).")
 _MODEL_SOURCE = flags.DEFINE_string("model_source", None,
@@ -159,12 +160,16 @@ def _shards() -> None:
 
 
 def _export() -> None:
+    from jaxcond import storage
     from jaxcond.export import export
 
     if not _WORKDIR.value or not _OUT.value:
-        raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR")
-    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value,
-               lora=_LORA_FORMAT.value if _LORA.value else None, merge=_MERGE.value)
+        raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR or gs://BUCKET/path")
+    try:
+        m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value,
+                   lora=_LORA_FORMAT.value if _LORA.value else None, merge=_MERGE.value)
+    except storage.StorageError as e:  # Cloud Storage failed: the message names the URL and what to do
+        sys.exit(f"jaxcond export: {e}")
     what = f" the LoRA adapters ({m['lora']['format']} layout, {m['lora']['file']}) of" if "lora" in m else ""
     print(f"exported{what} step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
           f"nulls {m['nulls']}")

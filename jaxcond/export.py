@@ -6,23 +6,29 @@ scheduler config matching jaxcond's sampler, and `jaxcond.json`, which records w
 unconditional branch must be at inference to match training: the null of every
 conditioner, and the learned null tensors themselves in `nulls.safetensors`. Optionally
 also one `.safetensors` in the original Stable Diffusion layout (ComfyUI, AUTOMATIC1111).
+The folder may be on Cloud Storage (gs://BUCKET/path): see `export`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
+import tempfile
 
 import jax
 
-from jaxcond import outputs, rundir
+from jaxcond import outputs, rundir, storage
 from jaxcond.checks import ConfigError
 from jaxcond.models import convert
 from jaxcond.models.family import DIFFUSERS_VERSION
 from jaxcond.outputs import make_output_dir
 
 MANIFEST = "jaxcond.json"
+# On Cloud Storage: an object present while an export uploads, so that a rerun after a kill
+# knows the folder (which then has no MANIFEST) for its own and replaces it.
+UPLOADING = ".jaxcond-upload-incomplete"
 
 
 def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
@@ -49,8 +55,20 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     `model_source` is where the run's base model is now, if it moved since training.
     A LoRA run exports its adapters (`lora`: "diffusers" writes `<out>/LORA_FILE`,
     "kohya" `<out>/<name of out>.safetensors`) or, with `merge`, the full model with them
-    merged."""
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
+    merged.
+
+    A local `out` is written aside and swapped in whole. A gs:// `out` is written in a
+    local temporary folder (under TMPDIR: room for the whole export), then the earlier
+    objects under `out` are deleted and the new ones uploaded one by one: first the marker
+    UPLOADING, MANIFEST (and model_index.json) last, then the marker is removed. A kill
+    mid-upload leaves a folder without MANIFEST, which nothing takes for a complete export,
+    and with the marker, so a rerun replaces it. Either way a non-empty `out` that holds
+    neither MANIFEST nor that marker is refused: it is not jaxcond's to replace."""
+    remote = storage.is_url(out)
+    if remote:
+        out = storage.absolute(out)
+        _check_bucket_folder(out)  # a bad URL is one line, before the run is loaded
+    elif os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         raise ConfigError(f"--out {out!r} is a non-empty folder that is not an earlier export; "
                           "choose a new or empty folder")
     t = rundir.load_trained(workdir, step, model_source)
@@ -67,21 +85,56 @@ def export(workdir: str, out: str, weights: str = "ema", step: int | None = None
     refusal = t.family.single_file_refusal() if single_file else None
     if refusal:
         raise ConfigError(f"--single_file: {refusal}")
-    out = os.path.normpath(out)
+    out = out if remote else os.path.normpath(out)
+    file_name = (posixpath.basename(out) if remote else os.path.basename(out)) + ".safetensors"
+    name = file_name if single_file else None
+    if lora:
+        name = LORA_FILE if lora == "diffusers" else file_name
+    if remote:
+        with tempfile.TemporaryDirectory(prefix="jaxcond-export-") as tmp:
+            os.makedirs(os.path.join(tmp, "export"))
+            manifest = _write(t, params, os.path.join(tmp, "export"), name, weights, workdir, lora)
+            _upload(os.path.join(tmp, "export"), out, os.path.join(tmp, UPLOADING))
+        return manifest
     make_output_dir(out, "--out")  # after the checks above, so a refused export leaves no folder
-    name = os.path.basename(out) + ".safetensors" if single_file else None
     # Written aside and swapped in whole: a kill mid-export leaves the earlier export (or
     # none) and a temporary folder the next export removes, never a half-written model.
     outputs.remove_stale(out)
     with outputs.atomic(out) as tmp:
         os.makedirs(tmp)
-        if lora:
-            name = LORA_FILE if lora == "diffusers" else os.path.basename(out) + ".safetensors"
         manifest = _write(t, params, tmp, name, weights, workdir, lora)
         previous = f"{tmp}-previous"
         os.rename(out, previous)  # made above: empty, or an earlier export
     shutil.rmtree(previous, ignore_errors=True)
     return manifest
+
+
+def _check_bucket_folder(out: str) -> None:
+    """A ConfigError unless gs:// URL `out` is a writable folder in a bucket that is empty,
+    an earlier export or an upload of one cut short."""
+    storage.check_url(out, "--out")
+    if "/" not in out[len("gs://"):]:  # replacing an export deletes its folder: never a whole bucket
+        raise ConfigError(f"--out {out!r}: name a folder in the bucket, e.g. {out}/export")
+    storage.check_writable(out, "--out")
+    names = storage.listdir(out)
+    if names and MANIFEST not in names and UPLOADING not in names:
+        raise ConfigError(f"--out {out!r} holds objects but is not an earlier export (no {MANIFEST}); "
+                          f"choose a new or empty folder, or delete it first (gcloud storage rm -r {out})")
+
+
+def _upload(local: str, url: str, marker: str) -> None:
+    """Replaces folder `url` by the files of folder `local`, object by object, the marker
+    first and the files that say a folder is complete last (see `export`)."""
+    files = sorted(os.path.relpath(os.path.join(d, n), local).replace(os.sep, "/")
+                   for d, _, names in os.walk(local) for n in names)
+    last = [f for f in ("model_index.json", MANIFEST) if f in files]  # diffusers' entry, then jaxcond's
+    with open(marker, "w") as f:
+        f.write("a jaxcond export is being uploaded here; without jaxcond.json it is incomplete\n")
+    storage.remove(url)  # the earlier export whole: none of its objects may outlive it
+    storage.upload(marker, storage.join(url, UPLOADING))
+    for f in [f for f in files if f not in last] + last:
+        storage.upload(os.path.join(local, f), storage.join(url, f))
+    storage.remove(storage.join(url, UPLOADING))
 
 
 def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights: str, workdir: str,
@@ -103,7 +156,7 @@ def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights:
         convert.write_safetensors(os.path.join(out, "nulls.safetensors"), learned)
     text_nulls = [nulls[c] for c in nulls if c not in t.family.batch_conditioners]
     manifest = {
-        "exported_from": os.path.abspath(workdir), "step": t.step, "weights": weights,
+        "exported_from": storage.absolute(workdir), "step": t.step, "weights": weights,
         "conditioners": {k: list(v) for k, v in t.family.conditioners.items()},
         "dropout_groups": {g.name: {"members": list(g.members), "rate": g.rate, "schedule": g.schedule}
                            for g in t.spec.groups},
