@@ -3,16 +3,19 @@
 #
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--workdir DIR] [--dry-run] \
 #       -- --config configs/demo.py [--workdir DIR] [--config.x=y ...]
+#   e.g. --workdir gs://YOUR_BUCKET/runs/sdxl -- --config configs/sdxl.py \
+#       --compilation_cache=gs://YOUR_BUCKET/jax_cache
 #
 # Copies the files git knows (tracked and untracked, not ignored) to ~/jaxcond on all
 # workers, then runs `JAXCOND_EXTRA=tpu bash launch/local.sh train --distributed=on ARGS`
-# on all of them. The run directory (--workdir, before or after --) must be an absolute
-# path that every worker sees, e.g. an NFS/Filestore mount; gs:// is not supported yet.
+# on all of them. The run directory (--workdir, before or after --) is one every worker
+# reaches: gs://BUCKET/path (the TPU VM's service account needs write access), or an
+# absolute path mounted on every worker (NFS/Filestore, GCS FUSE).
 # --dry-run prints the gcloud commands instead of running them.
 set -euo pipefail
 root=$(dirname "$0")/..
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_pod.sh: $*" >&2; usage >&2; exit 2; }
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 
@@ -36,6 +39,7 @@ done
 
 # Each worker has its own ~/jaxcond, so a relative run directory would split the run
 # (checkpoint shards, logs) across the workers' local disks. absl keeps the last --workdir.
+# Nothing is made here: train creates the folder, or proves the bucket writable, itself.
 run_dir='' prev=''
 for arg in "$@"; do
   case $prev,$arg in
@@ -45,9 +49,11 @@ for arg in "$@"; do
   prev=$arg
 done
 case $run_dir in
-  /*) ;;
-  '') die "no --workdir: give the run directory, a path every worker sees" ;;
-  *) die "--workdir $run_dir: give an absolute path that every worker sees" ;;
+  /*|gs://[!/]*) ;;
+  '') die "no --workdir: give the run directory, gs://BUCKET/path or a path every worker sees" ;;
+  gs://*) die "--workdir $run_dir names no bucket: use gs://BUCKET/path" ;;
+  *://*) die "--workdir $run_dir: only gs:// URLs are supported (gs://BUCKET/path)" ;;
+  *) die "--workdir $run_dir: give gs://BUCKET/path or an absolute path that every worker sees" ;;
 esac
 
 run() {

@@ -20,14 +20,16 @@ SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*/*.sh"), *LAUNCH.glob("*.
 # Arguments that need quoting on the way through ssh and bash -c.
 TRICKY = ["--config", "configs/demo.py", "--config.note=a b  c", "--config.x=it's $HOME; `id`"]
 GKE_VARS = {"IMAGE": "us-docker.pkg.dev/p/r/jaxcond:1", "TPU_TYPE": "tpu-v5-lite-podslice",
-            "TOPOLOGY": "4x4", "NUM_HOSTS": "4", "CHIPS_PER_HOST": "4", "PVC": "jaxcond-runs",
-            "WORKDIR": "/runs/demo", "ARGS": "--config configs/demo.py --config.train.steps=10"}
+            "TOPOLOGY": "4x4", "NUM_HOSTS": "4", "CHIPS_PER_HOST": "4", "WORKDIR": "gs://my-bucket/runs/demo",
+            "ARGS": "--config configs/demo.py --config.train.steps=10"}
+GKE_OPTIONAL = ("PVC", "SERVICE_ACCOUNT")
 
 
 def _env(**extra):
     """The test's environment without anything a launcher reads from it, plus `extra`."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "JAX_", "JAXCOND_")) and k not in GKE_VARS and k != "JOB_NAME"}
+           if not k.startswith(("SLURM_", "JAX_", "JAXCOND_")) and k not in GKE_VARS
+           and k not in (*GKE_OPTIONAL, "JOB_NAME")}
     return {**env, **extra}
 
 
@@ -72,11 +74,15 @@ def test_bash_syntax_and_shellcheck(script):
      "unknown argument: --bogus (jaxcond train arguments go after --)"),
     ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--"], "no jaxcond train arguments after --"),
     ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--", "--config", "c"],
-     "no --workdir: give the run directory, a path every worker sees"),
+     "no --workdir: give the run directory, gs://BUCKET/path or a path every worker sees"),
     ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--", "--config", "c", "--workdir", "runs/x"],
-     "--workdir runs/x: give an absolute path that every worker sees"),
+     "--workdir runs/x: give gs://BUCKET/path or an absolute path that every worker sees"),
     ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--workdir=runs/x", "--", "--config", "c"],
-     "--workdir runs/x: give an absolute path that every worker sees"),
+     "--workdir runs/x: give gs://BUCKET/path or an absolute path that every worker sees"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--workdir=s3://b/x", "--", "--config", "c"],
+     "--workdir s3://b/x: only gs:// URLs are supported (gs://BUCKET/path)"),
+    ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--workdir=gs:///x", "--", "--config", "c"],
+     "--workdir gs:///x names no bucket: use gs://BUCKET/path"),
     ("gke/submit.sh", ["--bogus"], "unknown argument: --bogus"),
     ("slurm.sbatch", [], "no jaxcond train arguments"),
     ("slurm.sbatch", ["--config", "c", "--workdir", "runs/x"], "submit it with sbatch"),  # not under sbatch
@@ -116,13 +122,15 @@ def test_tpu_pod_dry_run_runs_train_on_all_workers_with_args_intact(tmp_path):
 
 
 @pytest.mark.parametrize("options", [["--tpu", "t", "--zone", "z", "--workdir", "/mnt/r"],
-                                     ["--tpu=t", "--zone=z", "--workdir=/mnt/r"]])
+                                     ["--tpu=t", "--zone=z", "--workdir=/mnt/r"],
+                                     ["--tpu", "t", "--zone", "z", "--workdir", "gs://my-bucket/runs/r"]])
 def test_tpu_pod_workdir_option_is_forwarded(options):
     r = _run(LAUNCH / "tpu_pod.sh", *options, "--dry-run", "--", "--config", "configs/demo.py")
     assert r.returncode == 0, r.stderr
     ssh = shlex.split(r.stdout.splitlines()[1])
     assert ssh[5:10] == ["t", "--worker=all", "--zone", "z", "--command"]
-    assert ssh[-1].endswith("train --distributed=on --config configs/demo.py --workdir /mnt/r")
+    workdir = options[-1].split("=", 1)[-1]
+    assert ssh[-1].endswith(f"train --distributed=on --config configs/demo.py --workdir {workdir}")
 
 
 def _submit(tmp_path, env, *, without_envsubst=False):
@@ -134,6 +142,13 @@ def _submit(tmp_path, env, *, without_envsubst=False):
         (bin_dir / "python3").symlink_to(sys.executable)  # an interpreter, not a wrapper script
         env = {**env, "PATH": str(bin_dir)}
     return _run(LAUNCH / "gke/submit.sh", "--dry-run", env=env)
+
+
+def test_usage_examples_use_a_gs_workdir():
+    """Runs on several hosts keep their run directory in a bucket by default."""
+    for script in ("tpu_pod.sh", "gke/submit.sh"):
+        r = _run(LAUNCH / script, "--help")
+        assert r.returncode == 0 and "gs://YOUR_BUCKET/runs/" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("without_envsubst", [False, True], ids=["envsubst", "python"])
@@ -154,21 +169,37 @@ def test_gke_dry_run_renders_a_complete_jobset(tmp_path, without_envsubst):
     assert container["image"] == GKE_VARS["IMAGE"]
     assert container["resources"]["limits"] == {"google.com/tpu": 4}
     assert shlex.split(container["command"][-1]) == [
-        "exec", "jaxcond", "train", "--distributed=on", "--workdir", "/runs/demo",
+        "exec", "jaxcond", "train", "--distributed=on", "--workdir", "gs://my-bucket/runs/demo",
         "--config", "configs/demo.py", "--config.train.steps=10"]
-    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "jaxcond-runs"
+    assert pod["serviceAccountName"] == "default"
+    assert pod["volumes"] == container["volumeMounts"] == []  # a bucket needs no claim
+
+
+def test_gke_workdir_on_a_claim(tmp_path):
+    env = _env(**{**GKE_VARS, "WORKDIR": "/runs/demo"}, PVC="jaxcond-runs", SERVICE_ACCOUNT="trainer")
+    r = _submit(tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    pod = yaml.safe_load(r.stdout)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "trainer"
+    assert pod["volumes"] == [{"name": "runs", "persistentVolumeClaim": {"claimName": "jaxcond-runs"}}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "runs", "mountPath": "/runs"}]
+    assert "--workdir /runs/demo " in pod["containers"][0]["command"][-1]
 
 
 def test_gke_names_every_missing_variable(tmp_path):
     r = _submit(tmp_path, _env(IMAGE="x", NUM_HOSTS="2"))
     assert r.returncode == 2
     missing = r.stderr.splitlines()[0].split(":", 2)[-1].split()
-    assert missing == ["TPU_TYPE", "TOPOLOGY", "CHIPS_PER_HOST", "PVC", "WORKDIR", "ARGS"]
+    assert missing == ["TPU_TYPE", "TOPOLOGY", "CHIPS_PER_HOST", "WORKDIR", "ARGS"]
 
 
 @pytest.mark.parametrize("bad, message", [
     ({"NUM_HOSTS": "four"}, "NUM_HOSTS and CHIPS_PER_HOST must be positive integers"),
-    ({"WORKDIR": "/data/x"}, "WORKDIR=/data/x: must be a path under /runs (the PVC)")])
+    ({"WORKDIR": "/data/x"}, "WORKDIR=/data/x: must be gs://BUCKET/path or a path under /runs (the PVC)"),
+    ({"WORKDIR": "gs://"}, "WORKDIR=gs://: must be gs://BUCKET/path or a path under /runs (the PVC)"),
+    ({"WORKDIR": "/runs/x"}, "WORKDIR=/runs/x: set PVC, the claim mounted at /runs (or use a gs:// WORKDIR)"),
+    ({"PVC": "a}, b: {"}, "PVC=a}, b: {: not a Kubernetes claim name"),
+    ({"SERVICE_ACCOUNT": "Bad Name"}, "SERVICE_ACCOUNT=Bad Name: not a Kubernetes service account name")])
 def test_gke_rejects_bad_values(tmp_path, bad, message):
     r = _submit(tmp_path, _env(**{**GKE_VARS, **bad}))
     assert r.returncode == 2 and "launch/gke/submit.sh" in r.stderr
