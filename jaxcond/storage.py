@@ -189,7 +189,11 @@ def read_ranges(paths: list[str], starts: list[int], ends: list[int]) -> list[by
     of about one request's latency."""
     if paths and is_url(paths[0]):
         with _errors(paths[0]):
-            return fs().cat_ranges([_key(p) for p in paths], list(starts), list(ends), on_error="raise")
+            out = fs().cat_ranges([_key(p) for p in paths], list(starts), list(ends))
+            failed = [r for r in out if isinstance(r, BaseException)]  # fsspec returns failures in the list
+            if failed:
+                raise failed[0]
+            return out
     out = []
     for path, start, end in zip(paths, starts, ends):
         with open(path, "rb") as f:
