@@ -215,9 +215,9 @@ def test_unwritable_or_full_run_directory_fails_before_training(fault_config, tm
                                                      r"\(Not a directory\): choose another path"):
         train_lib.train(fault_config, str(blocker / "run"), progress=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(config_lib.ConfigError, match="--workdir 'gs://bucket/run' is a URL, which is not supported"):
-        train_lib.train(fault_config, "gs://bucket/run", progress=False)
-    assert not (tmp_path / "gs:").exists()
+    with pytest.raises(config_lib.ConfigError, match="--workdir 's3://bucket/run': only gs:// URLs are supported"):
+        train_lib.train(fault_config, "s3://bucket/run", progress=False)
+    assert not (tmp_path / "s3:").exists()
     monkeypatch.setattr(train_lib.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(checkpoint.CheckpointError, match="has 0 MiB free but one checkpoint"):
         train_lib.train(fault_config, str(tmp_path / "run"), progress=False)
