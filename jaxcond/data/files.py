@@ -35,6 +35,7 @@ mid-epoch. Paths are checked with os.stat before anything is opened (a named pip
 | file that does not exist | skipped |
 | `file_name` a number, null, list, object or empty | skipped, naming the line |
 | `file_name` outside the metadata's folder (`../x.png`, absolute) / listed again | kept, counted |
+| `file_name` a gs:// URL, or relative to a metadata file on gs:// | read through jaxcond.storage |
 | `text` a list of strings | several captions: one per epoch, from (seed, epoch, record) |
 | `text` an empty list / a number, object, list holding non-strings | no caption / skipped, naming the line |
 | CSV row with more fields than the header (an unquoted comma) | kept with the header's fields, counted |
@@ -46,11 +47,9 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import errno
 import io
 import json
 import os
-import stat
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -58,7 +57,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxcond import storage
+from jaxcond.data import paths
 from jaxcond.data.captions import Caption, caption_policy, decode_caption, parse_caption
+from jaxcond.data.paths import os_problem, path_problem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -97,35 +99,10 @@ class DataError(ValueError):
     """The dataset as a whole cannot be used (e.g. nothing left to train on)."""
 
 
-def os_problem(e: OSError, path: str | None = None) -> str:
-    """What an OSError on `path` means to a user, e.g. "unreadable (permission denied)"."""
-    if e.errno == errno.ELOOP:
-        return "symlink loop"
-    if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        return "broken symlink" if path and os.path.islink(path) else "no such file"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "unreadable (permission denied)"
-    return f"unreadable ({(e.strerror or type(e).__name__).lower()})"
-
-
-_SPECIAL = {stat.S_IFIFO: "named pipe", stat.S_IFSOCK: "socket", stat.S_IFCHR: "device", stat.S_IFBLK: "device"}
-
-
-def path_problem(path: str, *, empty_ok: bool = False) -> str | None:
-    """Why `path` cannot be read as a file, from os.stat alone; None if it can."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return os_problem(e, path)
-    if stat.S_ISDIR(st.st_mode):
-        return "a folder, not a file"
-    if not stat.S_ISREG(st.st_mode):  # never opened: opening a named pipe blocks forever
-        return f"not a regular file ({_SPECIAL.get(stat.S_IFMT(st.st_mode), 'special file')})"
-    return "zero-byte file" if st.st_size == 0 and not empty_ok else None
-
-
 def read_bytes(path: str) -> tuple[bytes | None, str | None]:
-    """(the file's bytes, None), or (None, why it cannot be read)."""
+    """(the file's or object's bytes, None), or (None, why it cannot be read)."""
+    if storage.is_url(path):
+        return paths.read_object(path)
     problem = path_problem(path, empty_ok=True)
     if problem is None:
         try:
@@ -202,14 +179,15 @@ def _repeats(relative_dir: str) -> int:
 
 def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
                   empty_caption: str = "keep") -> list[Record]:
-    """Rows of a metadata.jsonl or .csv with `file_name` (relative to its folder) and `text`;
-    `path` may also be the folder holding it (Hugging Face imagefolder's layout)."""
+    """Rows of a metadata.jsonl or .csv with `file_name` (relative to its folder, or a gs://
+    URL) and `text`; `path` may also be the folder holding it (Hugging Face imagefolder's
+    layout), on a local disk or Cloud Storage."""
     path = _metadata_file(path)
-    rows, base = _metadata_rows(path), os.path.dirname(path)
-    seen, records = set(), []
+    rows, base = _metadata_rows(path), paths.dirname(path)
+    seen, records, objects = set(), [], paths.Objects()
     for line, row in rows:
         where = f"{path}:{line}"  # the table shows "metadata.jsonl:7"
-        image = _row_image(row.get("file_name"), base, where, report)
+        image = _row_image(row.get("file_name"), base, where, report, objects)
         if image is None:
             continue
         try:
@@ -220,8 +198,8 @@ def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
         caption = caption_policy(text, image, report, missing_caption, empty_caption)
         if caption is None:
             continue
-        key = os.path.normpath(os.path.relpath(image, base or os.curdir))
-        if key == os.pardir or key.startswith(os.pardir + os.sep):
+        key, outside = paths.relative(image, base)
+        if outside:
             report.add("kept: file_name outside the metadata's folder", where)
         if key in seen:
             report.add("kept: duplicate row (the file is listed again)", where)
@@ -234,10 +212,10 @@ def scan_metadata(path: str, report: Report, *, missing_caption: str = "skip",
 
 def _metadata_file(path: str) -> str:
     """The metadata file `data.path` names: itself, or the one in that folder."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         return path
-    found = [os.path.join(path, n) for n in ("metadata.jsonl", "metadata.csv")
-             if os.path.isfile(os.path.join(path, n))]
+    found = [storage.join(path, n) for n in ("metadata.jsonl", "metadata.csv")
+             if paths.isfile(storage.join(path, n))]
     if len(found) != 1:
         raise DataError(f"{path!r} is a folder with {'both' if found else 'neither'} metadata.jsonl "
                         f"{'and' if found else 'nor'} metadata.csv; pass the metadata file itself (or "
@@ -250,17 +228,18 @@ _KINDS = {type(None): "missing or null", bool: "true/false", int: "number", floa
           dict: "object"}
 
 
-def _row_image(file_name: Any, base: str, where: str, report: Report) -> str | None:
-    """The image path a metadata row names; None if the row is skipped (counted)."""
+def _row_image(file_name: Any, base: str, where: str, report: Report, objects: paths.Objects) -> str | None:
+    """The image path or URL a metadata row names; None if the row is skipped (counted)."""
     if isinstance(file_name, str):
-        kind = "empty string" if not file_name.strip() else "NUL character" if "\0" in file_name else None
+        kind = "empty string" if not file_name.strip() else "NUL character" if "\0" in file_name else \
+            "a URL other than gs://" if storage.is_url(file_name) and not file_name.startswith("gs://") else None
     else:
         kind = _KINDS.get(type(file_name), type(file_name).__name__)
     if kind is not None:
         report.add(f"skipped: metadata file_name is not a path ({kind})", where)
         return None
-    image = os.path.join(base, file_name)
-    problem = path_problem(image)
+    image = paths.join(base, file_name)
+    problem = objects.problem(image) if storage.is_url(image) else path_problem(image)
     if problem is not None:
         report.add("skipped: listed in the metadata, no such file" if problem == "no such file"
                    else f"skipped: {problem}", image)
@@ -310,10 +289,12 @@ def load_image(path: str, report: Report, *, data: bytes | None = None,
     """The image at `path` (or its encoded bytes `data`, `path` then only names it) as 8-bit
     RGB, upright; or None (counted in `report`). The file is checked before it is opened,
     and failing to open it (the system's reason) is told apart from failing to decode it."""
-    img = None
+    img, problem = None, None
+    if data is None and storage.is_url(path):  # an object is fetched whole, then decoded from memory
+        data, problem = read_bytes(path)
     if data is not None:
         f, problem = io.BytesIO(data), None if data else "zero-byte file"
-    elif (problem := path_problem(path)) is None:
+    elif problem is None and (problem := path_problem(path)) is None:
         try:
             f = open(path, "rb")
         except OSError as e:

@@ -8,6 +8,10 @@ Sources (`data.source`): `demo` (the procedural shapes, in memory), `folder` (im
 same-named caption files), `metadata` (a metadata.jsonl/.csv), `shards` (ArrayRecord
 shards written by `jaxcond shards`), `hf` (a Hugging Face `datasets` table); any of them
 read from a cache written by `jaxcond cache` when `data.cache` is set.
+
+`data.path` and `data.cache` may be gs:// URLs (Cloud Storage) for the metadata and
+shards sources: small files and images are read through jaxcond.storage, shards by
+ArrayRecord itself, each host reading only its own records.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import os
 
 import ml_collections
 
-from jaxcond.checks import check, in_unit_interval, int_at_least, one_of
+from jaxcond import storage
+from jaxcond.checks import ConfigError, check, in_unit_interval, int_at_least, one_of
 from jaxcond.data import cache, demo as demo_data, files, hf, pipeline, shards
 from jaxcond.models.family import Family
 from jaxcond.outputs import make_output_dir
@@ -42,6 +47,7 @@ def validate(d: ml_collections.ConfigDict, loader: ml_collections.ConfigDict, *,
             check(False, "data.heldout_fraction", d.heldout_fraction, str(e))
     else:
         check(bool(d.path) or not reads_data, "data.path", d.path, f"data.source = {d.source!r} needs the {_WHAT[d.source]}")
+        check_location(d)
         for b in d.buckets:
             check(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, int) and x >= 8 for x in b),
                   "data.buckets", d.buckets, "each bucket is (height, width) in pixels, both integers >= 8; "
@@ -66,9 +72,19 @@ def validate(d: ml_collections.ConfigDict, loader: ml_collections.ConfigDict, *,
         in_unit_interval("data.tag_dropout", d.tag_dropout)
     if d.cache:
         cache.check_cacheable(d, train_text_encoder)
+        storage.check_url(d.cache, "config.data.cache")
     int_at_least("loader.workers", loader.workers, 1)
     int_at_least("loader.prefetch", loader.prefetch, 1)
     int_at_least("loader.processes", loader.processes, 0)
+
+
+def check_location(d: ml_collections.ConfigDict) -> None:
+    """A ConfigError for a `data.path` URL this source cannot read."""
+    storage.check_url(d.path, "config.data.path")
+    if storage.is_url(d.path) and d.source not in ("metadata", "shards"):
+        raise ConfigError(f"config.data.path = {d.path!r}: data.source = {d.source!r} reads local (or mounted) "
+                          "files; on Cloud Storage use data.source=metadata (a metadata.jsonl/.csv naming the "
+                          "images) or data.source=shards (written by jaxcond shards)")
 
 
 def check_image_sizes(d: ml_collections.ConfigDict, multiple: int) -> None:
@@ -94,8 +110,10 @@ def make_data(d: ml_collections.ConfigDict, seed: int, global_batch: int, family
         return cache.CachedData(d, seed, global_batch, family, d.cache, train_text_encoder)
     if d.source == "demo":
         return pipeline.DemoData(d, seed, global_batch, family)
-    if d.source != "hf" and not os.path.exists(d.path):  # hf: maybe a hub id
-        raise files.DataError(f"config.data.path = {d.path!r} does not exist")
+    check_location(d)
+    if d.source != "hf" and not storage.exists(d.path):  # hf: maybe a hub id
+        raise files.DataError(f"config.data.path = {d.path!r} does not exist" + (
+            " (no object or folder there: are the bucket and path right?)" if storage.is_url(d.path) else ""))
     cls = {"shards": shards.ShardData, "hf": hf.HFData}.get(d.source, pipeline.FileData)
     return cls(d, seed, global_batch, family, workers)
 
