@@ -9,18 +9,21 @@ and per-host loading work as for files).
 
 A record is `<caption JSON>\\n<image bytes>`: {"caption": ..., "name": original path}; an
 image's several captions are a JSON list.
+
+DIR may be a gs:// URL: each shard is written locally and uploaded when complete, the
+index last, so a folder with an index holds every shard it lists. Training reads the
+shards from Cloud Storage through ArrayRecord itself, record by record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import tqdm
 
-from jaxcond import outputs
+from jaxcond import outputs, storage
 from jaxcond.data import captions, files, pipeline
 
 INDEX = "index.json"
@@ -38,26 +41,24 @@ def write(data: pipeline.FileData, out: str, num_shards: int) -> dict:
     names = [f"shard-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
     bounds = np.linspace(0, data.num_records, num_shards + 1).astype(int)
     for k, name in enumerate(tqdm.tqdm(names, desc="writing shards", unit="shard")):
-        with outputs.atomic(os.path.join(out, name)) as tmp:
+        with outputs.atomic(storage.join(out, name)) as tmp:
             writer = ArrayRecordWriter(tmp, "group_size:1")
             for i in range(bounds[k], bounds[k + 1]):
                 r, image = data.read(i)
                 if image is None:
-                    with open(r.path, "rb") as f:
-                        image = f.read()
+                    image = storage.read_bytes(r.path)
                 writer.write(json.dumps({"caption": r.caption, "name": r.path}).encode() + b"\n" + image)
             writer.close()
     index = {"shards": names, "sizes": [list(s) for s in data.sizes], "source": data.cfg_data.path,
              "report": dict(data.report.counts)}
-    with outputs.atomic(os.path.join(out, INDEX)) as tmp, open(tmp, "w") as f:  # written last: shards done
+    with outputs.atomic(storage.join(out, INDEX)) as tmp, open(tmp, "w") as f:  # written last: shards done
         json.dump(index, f)
     return index
 
 
 def index_digest(directory: str) -> str:
     """sha256 of a shards folder's index (the shards are written once, never edited)."""
-    with open(os.path.join(directory, INDEX), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(storage.join(directory, INDEX))).hexdigest()
 
 
 class ShardData(pipeline.FileData):
@@ -67,15 +68,15 @@ class ShardData(pipeline.FileData):
         import grain
 
         d = self.cfg_data
-        path = os.path.join(d.path, INDEX)
-        if not os.path.exists(path):
+        path = storage.join(d.path, INDEX)
+        if not storage.exists(path):
             raise files.DataError(f"config.data.path = {d.path!r} has no {INDEX}; write shards "
                                   "with `jaxcond shards --config ... --shards_out DIR` first")
-        with open(path, "rb") as f:
-            index = json.load(f)
-        self.source_digest = index_digest(d.path)
-        self.source = grain.sources.ArrayRecordDataSource(
-            [os.path.join(d.path, s) for s in index["shards"]])
+        raw = storage.read_bytes(path)
+        index = json.loads(raw)
+        self.source_digest = hashlib.sha256(raw).hexdigest()  # index_digest's, without reading it again
+        self.source = grain.sources.ArrayRecordDataSource(  # gs:// URLs are read by ArrayRecord itself
+            [storage.join(d.path, s) for s in index["shards"]])
         if len(self.source) != len(index["sizes"]):
             raise files.DataError(f"{d.path}: the shards hold {len(self.source)} records but "
                                   f"{INDEX} lists {len(index['sizes'])}; rewrite them")
