@@ -20,12 +20,16 @@ Layout of a cache folder:
                               records of one chunk (id range) in one bucket, in id order
 
 Chunks are written to a temporary name and renamed, and the manifest lists only finished
-ones, so an interrupted `jaxcond cache` resumes where it stopped.
+ones, so an interrupted `jaxcond cache` resumes where it stopped. On Cloud Storage
+(`data.cache=gs://...`) each file is written locally and uploaded whole, the manifest
+after its chunk's arrays; training reads each record's rows by byte range, so a host
+fetches only its own records.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -36,9 +40,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxcond import outputs, xla
+from jaxcond import outputs, storage, xla
 from jaxcond.checks import ConfigError
-from jaxcond.data import hf, pipeline, shards
+from jaxcond.data import hf, paths, pipeline, shards
 from jaxcond.models.family import Family
 from jaxcond.train_step import empty_tokens
 
@@ -103,12 +107,16 @@ def _json(x: object) -> object:
 
 def _records_of(data: pipeline.Data) -> list[list]:
     """Per record: [bucket, path, caption, size, mtime] for files (so changed files are
-    noticed), [bucket] for the demo (its records are a function of the config)."""
+    noticed; an object's generation for its mtime), [bucket] for the demo (its records
+    are a function of the config)."""
     if getattr(data, "source_digest", None):  # shards, a datasets table: one digest for all
         return [[b, data.source_digest] for b in data.buckets]
     if isinstance(data, pipeline.FileData):
-        out = []
+        out, objects = [], paths.Objects()
         for r, b in zip(data.records, data.buckets):
+            if storage.is_url(r.path):
+                out.append([b, r.path, r.caption, *(objects.stat(r.path) or (None, None))])
+                continue
             st = os.stat(r.path)
             out.append([b, r.path, r.caption, st.st_size, st.st_mtime_ns])
         return out
@@ -131,11 +139,10 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
     want = {"version": VERSION, "model": _json(model_key(family)), "source": _source_of(data.cfg_data),
             "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,
             "fingerprint": data.fingerprint}  # what a checkpoint of a run on this data records
-    path = os.path.join(directory, "manifest.json")
+    path = storage.join(directory, "manifest.json")
     manifest = {**want, "fields": {}, "done": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if storage.exists(path):
+        old = json.loads(storage.read_bytes(path))
         changed = [k for k in want if _json(want[k]) != old.get(k)]
         if changed:
             what = (_model_changes(old.get("model") or {}, want["model"]) if changed == ["model"]
@@ -149,7 +156,7 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
     # current encoder (the contract); this copy records it for users and tools, and the
     # model fingerprint checked at load guarantees it is what the step computes.
     empty = jax.device_get(encode(family.frozen, jnp.asarray(empty_tokens(family))))
-    with outputs.atomic(os.path.join(directory, NULLS)) as tmp, open(tmp, "wb") as f:
+    with outputs.atomic(storage.join(directory, NULLS)) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{k: np.asarray(v) for k, v in empty.items()})
     buckets = np.asarray(data.buckets)
     chunks = range((data.num_records + CHUNK - 1) // CHUNK)
@@ -179,7 +186,7 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
             for name, parts in fields.items():
                 arr = np.concatenate(parts)
                 manifest["fields"][name] = {"dtype": str(arr.dtype), "shape": list(arr.shape[1:])}
-                with outputs.atomic(os.path.join(directory, f"{name}-c{c:05d}-b{b}.npy")) as tmp:
+                with outputs.atomic(storage.join(directory, f"{name}-c{c:05d}-b{b}.npy")) as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, arr)
         manifest["done"].append(c)
@@ -195,18 +202,17 @@ class CachedData(pipeline.Data):
                  directory: str, train_text_encoder: bool = False):
         super().__init__(d, seed, global_batch)
         check_cacheable(d, train_text_encoder)
-        path = os.path.join(directory, "manifest.json")
-        if not os.path.exists(path):
+        path = storage.join(directory, "manifest.json")
+        if not storage.exists(path):
             raise ConfigError(f"config.data.cache = {directory!r}: no cache there; build it with "
                               "`jaxcond cache --config ...` first")
-        with open(path) as f:
-            m = json.load(f)
+        m = json.loads(storage.read_bytes(path))
         problems = []
         if m.get("version") != VERSION:
             problems.append(f"format version {m.get('version')} (this jaxcond reads {VERSION})")
         if family is not None and m.get("version") == VERSION:
             problems += [f"it was built with {c}" for c in _model_changes(m["model"], _json(model_key(family)))]
-        if not os.path.exists(os.path.join(directory, NULLS)):
+        if not storage.exists(storage.join(directory, NULLS)):
             problems.append(f"it has no {NULLS}")
         source = _json(_source_of(d))
         changed = [k for k in source if source[k] != m["source"].get(k)]
@@ -218,7 +224,8 @@ class CachedData(pipeline.Data):
             problems.append(f"it is incomplete ({len(m['done'])} of {n_chunks} chunks); rerun jaxcond cache")
         if problems:
             raise ConfigError(f"cannot train from the cache in {directory}: " + "; ".join(problems))
-        stale = [r[1] for r in m["records"] if len(r) > 2 and not _unchanged(r)]
+        objects = paths.Objects()
+        stale = [r[1] for r in m["records"] if len(r) > 2 and not _unchanged(r, objects)]
         if d.source in ("shards", "hf") and m["records"] and _digest(d) != m["records"][0][1]:
             stale = [f"the {d.source} source {d.path}"]
         if stale:
@@ -233,12 +240,18 @@ class CachedData(pipeline.Data):
         self._demo = pipeline.DemoEval(d) if d.source == "demo" else None
         self._captions = list(d.eval_prompts) or [r[2] for r in m["records"][:64] if len(r) > 2] or [""]
         self.chunk = m["chunk"]
+        self.remote = storage.is_url(directory)
+        names = set(storage.listdir(directory)) if self.remote else set()
         self.arrays = {}
         for name in m["fields"]:
             for c in range(n_chunks):
                 for b in set(self.buckets[c * self.chunk:(c + 1) * self.chunk]):
-                    self.arrays[name, c, b] = np.load(os.path.join(directory, f"{name}-c{c:05d}-b{b}.npy"),
-                                                      mmap_mode="r")
+                    file = f"{name}-c{c:05d}-b{b}.npy"
+                    if self.remote and file not in names:
+                        raise ConfigError(f"cannot train from the cache in {directory}: {file} is missing; "
+                                          "rebuild it with `jaxcond cache`")
+                    self.arrays[name, c, b] = (_ObjectRows(storage.join(directory, file)) if self.remote else
+                                               np.load(os.path.join(directory, file), mmap_mode="r"))
         # Row of each record inside its (chunk, bucket) file.
         bucket_of = np.asarray(self.buckets)
         self.row = np.zeros(self.num_records, np.int64)
@@ -255,11 +268,31 @@ class CachedData(pipeline.Data):
         return self._fingerprint
 
     def batch(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        if self.remote:
+            return self._fetch(ids)
         out = {}
         for name in self.fields:
             key = "cond/" + name[len("cond."):] if name.startswith("cond.") else name
             out[key] = np.stack([self.arrays[name, int(i) // self.chunk, self.buckets[int(i)]][self.row[i]]
                                  for i in ids])
+        return out
+
+    def _fetch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """`batch` from Cloud Storage: the records' rows of every field in one round of
+        concurrent range reads."""
+        want = [(name, self.arrays[name, int(i) // self.chunk, self.buckets[int(i)]], int(self.row[i]))
+                for name in self.fields for i in ids]
+        for name, a, _ in want:
+            if a.offset is None:  # first use of this file: its header says where rows start
+                a.locate(storage.read_ranges([a.url], [0], [_HEAD])[0])
+        starts = [a.offset + row * a.row_bytes for _, a, row in want]
+        blobs = storage.read_ranges([a.url for _, a, _ in want], starts,
+                                    [s + a.row_bytes for s, (_, a, _) in zip(starts, want)])
+        out = {}
+        for k, name in enumerate(self.fields):
+            part = zip(want[k * len(ids):(k + 1) * len(ids)], blobs[k * len(ids):(k + 1) * len(ids)])
+            rows = [np.frombuffer(blob, a.dtype).reshape(a.shape) for (_, a, _), blob in part]
+            out["cond/" + name[len("cond."):] if name.startswith("cond.") else name] = np.stack(rows)
         return out
 
     def eval_captions(self, n: int) -> list[str]:
@@ -278,8 +311,29 @@ def _digest(d: ml_collections.ConfigDict) -> str:
     return shards.index_digest(d.path) if d.source == "shards" else hf.open_dataset(d)._fingerprint
 
 
-def _unchanged(record: list) -> bool:
+_HEAD = 4096  # bytes read for a .npy header (np.save writes 128 for these arrays)
+
+
+class _ObjectRows:
+    """Where the rows of a .npy object on Cloud Storage lie, from its header."""
+
+    def __init__(self, url: str):
+        self.url, self.offset = url, None
+
+    def locate(self, head: bytes) -> None:
+        f = io.BytesIO(head)
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, self.dtype = read(f)  # C order: np.save of a concatenation
+        self.shape = shape[1:]
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+        self.offset = f.tell()
+
+
+def _unchanged(record: list, objects: paths.Objects) -> bool:
     _, path, _, size, mtime = record
+    if storage.is_url(path):
+        return objects.stat(path) == (size, mtime)
     try:
         st = os.stat(path)
     except FileNotFoundError:
