@@ -177,6 +177,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000  # Save interval; the last step is always saved.
     c.checkpoint.keep = 3  # Newest checkpoints kept on disk; >= 1.
     c.checkpoint.async_save = True  # Write in the background while training continues: True | False.
+    # gs:// only: retries of a failed checkpoint request, delays doubling from 1 s to 32 s (10: ~3 min
+    # of outage survived) before the run stops with an error, its newest complete checkpoint intact.
+    c.checkpoint.storage_retries = 10
 
     # --- Sampling (validation grids; dropout is never applied here) --------------------------
     c.sample = ml_collections.ConfigDict()

@@ -57,6 +57,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Checks `config.checkpoint` (`c`)."""
     int_at_least("checkpoint.every_steps", c.every_steps, 1)
     int_at_least("checkpoint.keep", c.keep, 1)
+    int_at_least("checkpoint.storage_retries", c.storage_retries, 0)
+
+
+def _set_storage_retries(retries: int) -> None:
+    """Tensorstore's Cloud Storage retries for Orbax's writes and reads. Its default, 32
+    (~15 min), would hold a run for a quarter of an hour on a network fault; gcsfs, which
+    writes the logs, gives up after ~35 s. Orbax builds its tensorstore contexts from this
+    module-level default, which has no other way in."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    spec = {"max_retries": retries, "initial_delay": "1s", "max_delay": "32s"}
+    for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):
+        context["gcs_request_retries"] = spec
 
 
 def _key(entry: Any) -> str:
@@ -100,6 +113,17 @@ def _quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+class _NoOrbaxTracebacks(logging.Filter):
+    """Orbax logs a failed background write from each of its threads, traceback and all,
+    before the error reaches `wait` or `save`, which report it in one line: its log lines
+    stay, their tracebacks go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class _DropMessage(logging.Filter):
     """Drops log records whose message starts with `prefix`."""
 
@@ -115,15 +139,20 @@ class Checkpoints:
     """A thin wrapper over ocp.CheckpointManager fixing jaxcond's layout and policy."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True,
-                 read_only: bool = False, host_copy: bool | None = None):
+                 read_only: bool = False, host_copy: bool | None = None, storage_retries: int = 10):
         """`host_copy`: save a host (numpy) copy of the state, fetched in one transfer,
         instead of the device arrays, and restore through one too; None: when this is the
-        only process (see `save` and `restore`)."""
+        only process (see `save` and `restore`). `storage_retries`: config.checkpoint's."""
         self.directory = storage.absolute(directory)
+        if storage.is_url(self.directory):
+            _set_storage_retries(storage_retries)
         self.host_copy = jax.process_count() == 1 if host_copy is None else host_copy
         self.partial = partial_checkpoints(self.directory)
         if not read_only:
             _quiet_closed_loop_callbacks()
+            absl_log = logging.getLogger("absl")
+            if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_log.filters):
+                absl_log.addFilter(_NoOrbaxTracebacks())
         if self.partial and not read_only and jax.process_index() == 0:
             log.warning("ignoring %d partial checkpoint(s) in %s, left by a process that died while "
                         "writing them: %s", len(self.partial), self.directory, ", ".join(self.partial))

@@ -19,9 +19,20 @@ import logging
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("jaxcond")
 MODES = ("auto", "on", "off")
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any: a collective, which every process
+    calls at the same point. An error met by one process alone (process 0 writes the logs)
+    then stops them all, where the others would wait for it in their next collective."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def is_main_process() -> bool:

@@ -106,11 +106,21 @@ class RunLog:
     def sync(self) -> None:
         """Writes the masks of every step so far and, on Cloud Storage, appends all new log
         lines and events to their objects. Called before each checkpoint, so the logs hold
-        every step before the newest complete checkpoint."""
-        self._write_masks()
-        if self.mirror:
-            self.writer.flush()
-            self.mirror.sync()
+        every step before the newest complete checkpoint. Every process calls it: one that
+        failed to write stops them all (distributed.any_process)."""
+        error = None
+        try:
+            self._write_masks()
+            if self.mirror:
+                self.writer.flush()
+                self.mirror.sync()
+        except OSError as e:  # storage.StorageError included
+            error = e
+        if distributed.any_process(error is not None) and error is None:
+            raise storage.StorageError("process 0 could not write the run's logs (its message says why); "
+                                       "stopping with it")
+        if error is not None:
+            raise error
 
     def samples(self, done: int, final: bool, grid: np.ndarray, scores: dict) -> None:
         if not self.active:

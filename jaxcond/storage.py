@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
@@ -24,6 +25,8 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
+
+import fsspec
 
 from jaxcond.checks import ConfigError
 
@@ -45,6 +48,14 @@ def honour_emulator() -> None:
 
 
 honour_emulator()
+# Orbax and jax reach gs:// through etils.epath's gcsfs, which by default caches folder
+# listings for the life of the process: a checkpoint another process wrote since would stay
+# invisible to a long-lived reader. fsspec applies these defaults to every gcsfs it makes.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+# gcsfs logs a request that ran out of retries, traceback and all, then raises its error,
+# which jaxcond reports in one line (StorageError): the log would only repeat it.
+logging.getLogger("gcsfs").addFilter(lambda r: "out of retries" not in r.getMessage())
 
 
 def is_url(path: str) -> bool:

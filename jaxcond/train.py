@@ -223,7 +223,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         run = build(cfg, workdir)
         ckpts = checkpoint.Checkpoints(storage.join(workdir, "checkpoints"),
                                        every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
-                                       async_save=cfg.checkpoint.async_save)
+                                       async_save=cfg.checkpoint.async_save,
+                                       storage_retries=cfg.checkpoint.storage_retries)
         state = restore_or_init(run, ckpts, allow_config_change)
         check_free_space(workdir, state)
         start = int(state["step"])

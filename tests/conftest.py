@@ -27,7 +27,7 @@ from jaxcond.data import demo as demo_data  # noqa: E402
 # The files that take longest (pytest --durations), longest first. With pytest-xdist whole
 # files go to whichever worker is free, in collection order; a long file handed out last
 # would leave the other worker idle at the end.
-LONGEST_FIRST = ("test_fault.py", "test_kills.py", "test_train.py", "test_scale.py", "test_cache.py",
+LONGEST_FIRST = ("test_fault.py", "test_gcs_run.py", "test_kills.py", "test_train.py", "test_scale.py", "test_cache.py",
                  "test_diffusers_pipeline.py", "test_families.py",
                  "test_pipeline.py", "test_latent.py")
 

@@ -6,7 +6,7 @@ emulator's own command line. Its server handles one request at a time, so a prec
 check and the write it guards cannot interleave with another request."""
 
 import sys
-from http import HTTPStatus
+from http import HTTPStatus, server
 
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
@@ -52,6 +52,10 @@ def _guarded(handler, read: bool):
 
     return run
 
+
+# Clients open many connections at once (gcsfs, tensorstore); the default backlog of 5 drops
+# the rest, which then wait for TCP's retransmits (seconds each).
+server.HTTPServer.request_queue_size = 1024
 
 # Patched before the server module builds its routing table from these functions.
 objects.download = _guarded(objects.download, read=True)

@@ -1,11 +1,11 @@
 """One process of the two-host test in tests/test_scale.py (not a test module itself).
 
-    python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON WORKDIR
+    python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON WORKDIR [RECORD_DIR]
 
 Runs `jaxcond train` (its command line, flags and all) as process PROCESS_ID of a run
 coordinated on 127.0.0.1 with gloo CPU collectives, and writes the record ids this
-process loaded, by step, to WORKDIR/loaded_<PROCESS_ID>.json so the test can check each
-host read only its share.
+process loaded, by step, to RECORD_DIR/loaded_<PROCESS_ID>.json (default WORKDIR, which
+must then be local) so the test can check each host read only its share.
 """
 
 import json
@@ -20,8 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
-    pid, n, port, config_path, workdir = sys.argv[1:]
+    pid, n, port, config_path, workdir, *rest = sys.argv[1:]
+    record_dir = rest[0] if rest else workdir
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if os.environ.get("ORBAX_COORDINATION_TIMEOUT"):  # a test's shorter wait for a failed peer (300 s)
+        from orbax.checkpoint._src.multihost import multihost
+        multihost._DEFAULT_BARRIER_TIMEOUT = int(os.environ["ORBAX_COORDINATION_TIMEOUT"])
     from jaxcond import cli
     from jaxcond.data import pipeline
 
@@ -40,7 +44,7 @@ def main() -> None:
     try:
         cli.main()  # absl's app.run: exits with SystemExit
     finally:
-        with open(os.path.join(workdir, f"loaded_{pid}.json"), "w") as f:
+        with open(os.path.join(record_dir, f"loaded_{pid}.json"), "w") as f:
             json.dump({str(k): v for k, v in sorted(loaded.items())}, f)
 
 
