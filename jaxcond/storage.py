@@ -23,6 +23,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -309,6 +310,8 @@ class Mirror:
         self.url = url
         self.local = tempfile.mkdtemp(prefix="jaxcond-logs-")
         self.synced: dict[str, int] = {}  # relative path -> bytes already in its object
+        # Removed also when an error ends the run before `close`.
+        self._remove = weakref.finalize(self, shutil.rmtree, self.local, True)
 
     def fetch(self, name: str) -> str:
         """Downloads object `name` (if it exists) into the local folder; its local path."""
@@ -348,4 +351,4 @@ class Mirror:
                 self.synced[name] = size
 
     def close(self) -> None:
-        shutil.rmtree(self.local, ignore_errors=True)
+        self._remove()

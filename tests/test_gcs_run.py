@@ -62,7 +62,7 @@ def _cmd(cfg, workdir: str, tmp_path, *flags: str) -> list[str]:
 
 def test_demo_on_gcs_through_kills_equals_a_local_run(demo_config, gcs, tmp_path):
     """SIGKILL at random moments (start-up and the demo model's upload, steps, asynchronous
-    checkpoint writes and log appends); each restart resumes; the finished gs:// run has the
+    checkpoint writes and log appends), then a SIGTERM; each restart resumes; the finished gs:// run has the
     local run's params, masks and losses bit for bit, and `jaxcond verify` passes on it."""
     local = str(tmp_path / "local")
     ref = train_lib.train(demo_config, local, progress=False)
@@ -72,9 +72,9 @@ def test_demo_on_gcs_through_kills_equals_a_local_run(demo_config, gcs, tmp_path
     ckdir = storage.join(url, "checkpoints")
     rng = random.Random(0)
     kills = []
-    for i in range(KILLS):
+    for i in range(KILLS + 1):  # the last interruption a preemption notice
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if i % 3 == 0:  # during start-up: imports, the demo model's build and upload, compiling, restoring
+        if i % 3 == 0 and i < KILLS:  # during start-up: imports, the demo model's build and upload, compiling, restoring
             time.sleep(rng.uniform(1.0, 8.0))
         else:  # while training: after a new checkpoint appears, a moment into the next steps
             before = checkpoint.complete_steps(ckdir)
@@ -85,10 +85,14 @@ def test_demo_on_gcs_through_kills_equals_a_local_run(demo_config, gcs, tmp_path
                 assert time.time() - t0 < 300, "no progress"
                 time.sleep(0.1)
             time.sleep(rng.uniform(0.0, 1.5))
-        proc.kill()
+        proc.send_signal(signal.SIGKILL if i < KILLS else signal.SIGTERM)
         out, _ = proc.communicate()
         kills.append((i, max(checkpoint.complete_steps(ckdir), default=None), proc.returncode))
-        assert proc.returncode in (-signal.SIGKILL, 0), out[-3000:]
+        if i < KILLS:
+            assert proc.returncode in (-signal.SIGKILL, 0), out[-3000:]
+        else:  # a checkpoint of the step it stopped at, complete in the bucket before the exit
+            assert proc.returncode == 0 and "stopped by SIGTERM at step" in out, out[-3000:]
+            assert int(out.split("stopped by SIGTERM at step ")[1].split()[0]) == kills[-1][1]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     print("kills (index, newest checkpoint after it, exit code):", kills)
