@@ -30,7 +30,7 @@ MAX_STEP_DIFF = 3  # uint8 steps
 
 
 def _snippet() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "export.md").read_text()
     return re.search(r"<!-- diffusers-nulls-snippet -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
@@ -96,13 +96,13 @@ def test_sd_export_with_a_learned_null_samples_like_jaxcond(tmp_path):
     namespace = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # e.g. diffusers' "outdated scheduler config"
-        exec(_snippet().replace('"exported/sd15"', repr(out)), namespace)  # the README's code, as a user runs it
+        exec(_snippet().replace('"exported/sd15"', repr(out)), namespace)  # docs/export.md's code, as a user runs it
     pipe, negative = namespace["pipe"], namespace["negative"]
     assert namespace["prompts"] == PROMPTS
     assert type(pipe).__name__ == "StableDiffusionPipeline" and namespace["images"]
     for i, g in enumerate(guidance):
         _check(images[i], _diffusers_samples(pipe, start, g, **negative), f"guidance {g}")
-    # The single file, as the README says diffusers reads it offline: the same pipeline.
+    # The single file, as docs/export.md says diffusers reads it offline: the same pipeline.
     from diffusers import StableDiffusionPipeline
 
     single = StableDiffusionPipeline.from_single_file(os.path.join(out, "export.safetensors"), config=out,
