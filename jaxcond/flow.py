@@ -1,0 +1,123 @@
+"""Rectified flow (flow matching) as Stable Diffusion 3 trains and samples it (pure functions).
+
+The straight path from data to noise, x_sigma = (1 - sigma) x0 + sigma noise for sigma
+in [0, 1], and a network that predicts its velocity d x_sigma / d sigma = noise - x0.
+Same conventions as diffusers (FlowMatchEulerDiscreteScheduler, the SD3 training
+scripts and `diffusers.training_utils`), so a model trained here samples correctly with
+their pipelines: the network's timestep input is sigma * 1000, and sampling integrates
+from sigma = 1 (pure noise) down to 0 with Euler steps.
+
+Not a `diffusion.py` variant: there is no alphas_cumprod and no integer timestep grid.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLING_SCHEMES = ("logit_normal", "mode", "uniform")
+WEIGHTING_SCHEMES = ("sigma_sqrt", "cosmap", "none")
+NUM_TRAIN_TIMESTEPS = 1000  # Only scales sigma into the network's timestep input.
+DEFAULT_SHIFT = 3.0  # SD3's scheduler_config.
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+# Training.
+
+def noisy(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x_sigma = (1 - sigma) x0 + sigma noise; `sigma` is per example (or a scalar)."""
+    s = _bcast(sigma, x0)
+    return (1.0 - s) * x0 + s * noise
+
+
+def target(x0: jax.Array, noise: jax.Array) -> jax.Array:
+    """The velocity the network learns: d x_sigma / d sigma, the same at every sigma."""
+    return noise - x0
+
+
+def model_timesteps(sigmas: jax.Array, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> jax.Array:
+    """The network's timestep input: SD3 pipelines feed sigma * 1000, not an index."""
+    return jnp.asarray(sigmas) * num_train_timesteps
+
+
+def shift_sigmas(sigmas: jax.Array, shift: float) -> jax.Array:
+    """SD3's resolution shift: more time at high noise for shift > 1; fixes 0 and 1."""
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def _density(key: jax.Array, batch: int, scheme: str, logit_mean: float, logit_std: float,
+             mode_scale: float) -> jax.Array:
+    """u in (0, 1], drawn as diffusers' `compute_density_for_timestep_sampling` draws it."""
+    if scheme == "logit_normal":
+        return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+    r = jax.random.uniform(key, (batch,))  # [0, 1)
+    if scheme == "mode":
+        # Decreasing in r for mode_scale < ~1.75 (SD3 uses 1.29), so r in [0, 1) gives u in (0, 1].
+        return 1.0 - r - mode_scale * (jnp.cos(jnp.pi * r / 2.0) ** 2 - 1.0 + r)
+    if scheme == "uniform":
+        return 1.0 - r  # Same law as r, but never 0: sigma = 0 has an infinite sigma_sqrt weight.
+    raise ValueError(f"unknown timestep sampling scheme {scheme!r}; use one of {SAMPLING_SCHEMES}")
+
+
+def sample_sigmas(key: jax.Array, batch: int, scheme: str, logit_mean: float = 0.0,
+                  logit_std: float = 1.0, mode_scale: float = 1.29,
+                  shift: float = DEFAULT_SHIFT) -> jax.Array:
+    """Per-example training sigmas, shape (batch,), in (0, 1].
+
+    u comes from the SD3 density (`scheme`) and is the unshifted sigma, as in the SD3
+    paper (t = sigmoid(N(logit_mean, logit_std)) is the noise level), then gets the
+    scheduler's shift. diffusers' SD3 scripts instead look u up on the scheduler's
+    descending grid, `scheduler.timesteps[(u * 1000).long()]`, i.e. sigma = shift(1 - k /
+    1000) for k = floor(1000 u): quantized to 1/1000 and reversed in u. We use u itself,
+    continuously. The uniform and mode densities are symmetric about 1/2 and logit_normal
+    is too at logit_mean = 0, so there the two laws agree up to the quantization; at
+    logit_mean != 0 ours follows the paper (a positive mean means more noise).
+    """
+    u = _density(key, batch, scheme, logit_mean, logit_std, mode_scale)
+    return shift_sigmas(u, shift)
+
+
+def loss_weights(sigmas: jax.Array, scheme: str) -> jax.Array:
+    """Per-example loss weights, as diffusers' `compute_loss_weighting_for_sd3`."""
+    if scheme == "sigma_sqrt":
+        return sigmas**-2.0
+    if scheme == "cosmap":
+        return 2.0 / (jnp.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
+    if scheme == "none":
+        return jnp.ones_like(sigmas)
+    raise ValueError(f"unknown loss weighting scheme {scheme!r}; use one of {WEIGHTING_SCHEMES}")
+
+
+# Sampling.
+
+def schedule(num_steps: int, shift: float = DEFAULT_SHIFT,
+             num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas, timesteps) of an Euler sampler, as FlowMatchEulerDiscreteScheduler's set_timesteps.
+
+    sigmas has num_steps + 1 float32 entries, from 1 down to a final 0; timesteps (the
+    network's input at each step) has num_steps, sigma * num_train_timesteps.
+
+    diffusers shifts twice, and we keep that so samples match theirs: the end points of
+    the linspace are sigma_max and sigma_min of the *shifted* training grid (computed in
+    float32, as their constructor does), and the points in between are shifted again.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps = {num_steps!r}: must be >= 1")
+    n = num_train_timesteps
+    train = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
+    train = np.float32(shift) * train / (np.float32(1) + np.float32(shift - 1) * train)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    ts = np.linspace(sigma_max * n, sigma_min * n, num_steps)  # float64, as theirs
+    sigmas = (shift_sigmas(ts / n, shift)).astype(np.float32)
+    timesteps = sigmas * np.float32(n)
+    return np.concatenate([sigmas, np.zeros(1, np.float32)]), timesteps
+
+
+def euler_step(x: jax.Array, velocity: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
+    """One Euler step of dx/dsigma = velocity from sigma to sigma_next (< sigma)."""
+    return x + (sigma_next - sigma) * velocity

@@ -1,0 +1,126 @@
+"""The rectified-flow pieces agree with diffusers' SD3 scheduler and training utilities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcond import flow
+
+
+@pytest.mark.parametrize("num_steps,shift", [(1, 3.0), (4, 1.0), (28, 3.0), (50, 3.0), (20, 6.0)])
+def test_schedule_matches_diffusers(num_steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    theirs = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    theirs.set_timesteps(num_steps)
+    sigmas, timesteps = flow.schedule(num_steps, shift)
+    assert sigmas.shape == (num_steps + 1,) and timesteps.shape == (num_steps,)
+    assert sigmas.dtype == np.float32 and sigmas[-1] == 0.0 and sigmas[0] == 1.0
+    np.testing.assert_allclose(sigmas, theirs.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(timesteps, theirs.timesteps.numpy(), rtol=1e-6, atol=1e-4)
+
+
+def test_euler_loop_matches_diffusers_step_for_step():
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(np.float32) / 4
+    b = rng.standard_normal(16).astype(np.float32)
+    x0 = rng.standard_normal((2, 16)).astype(np.float32)
+
+    def velocity(x, t):  # A fixed "model" that uses both the sample and the timestep.
+        return x @ w + b * (t / 1000.0)
+
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    theirs.set_timesteps(12)
+    sigmas, timesteps = flow.schedule(12, 3.0)
+    ours, ref = jnp.asarray(x0), torch.from_numpy(x0)
+    for i, t in enumerate(theirs.timesteps):
+        assert float(t) == pytest.approx(float(timesteps[i]), rel=1e-6)
+        ref = theirs.step(torch.from_numpy(velocity(ref.numpy(), float(t))), t, ref).prev_sample
+        ours = flow.euler_step(ours, velocity(np.asarray(ours), timesteps[i]), sigmas[i], sigmas[i + 1])
+        np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_noisy_and_target_match_training_script():
+    # examples/dreambooth/train_dreambooth_sd3.py: noisy_model_input = (1 - sigmas) * model_input
+    # + sigmas * noise, sigmas broadcast from (batch,); target = noise - model_input.
+    import torch
+
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    noise = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    sigmas = np.array([0.1, 0.5, 0.97], np.float32)
+    tx, tn, ts = map(torch.from_numpy, (x0, noise, sigmas))
+    ts4 = ts.reshape(3, 1, 1, 1)
+    np.testing.assert_allclose(flow.noisy(x0, noise, sigmas), ((1.0 - ts4) * tx + ts4 * tn).numpy(), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(flow.target(x0, noise), (tn - tx).numpy())
+    np.testing.assert_allclose(flow.model_timesteps(sigmas), sigmas * 1000, rtol=1e-6)
+    # The end points: data at sigma 0, noise at sigma 1.
+    np.testing.assert_allclose(flow.noisy(x0, noise, np.zeros(3, np.float32)), x0)
+    np.testing.assert_allclose(flow.noisy(x0, noise, np.ones(3, np.float32)), noise)
+
+
+@pytest.mark.parametrize("scheme", flow.SAMPLING_SCHEMES)
+def test_sample_sigmas_range_and_determinism(scheme):
+    key = jax.random.key(7)
+    s = flow.sample_sigmas(key, 4096, scheme)
+    assert s.shape == (4096,)
+    assert float(s.min()) > 0.0 and float(s.max()) <= 1.0
+    np.testing.assert_array_equal(s, flow.sample_sigmas(key, 4096, scheme))
+    assert not np.array_equal(s, flow.sample_sigmas(jax.random.key(8), 4096, scheme))
+
+
+def test_sample_sigmas_applies_the_shift_to_the_density():
+    key = jax.random.key(3)
+    for scheme in flow.SAMPLING_SCHEMES:
+        u = flow.sample_sigmas(key, 1000, scheme, shift=1.0)
+        np.testing.assert_allclose(flow.sample_sigmas(key, 1000, scheme, shift=3.0), 3 * u / (1 + 2 * u),
+                                   rtol=1e-6)
+    # And the same shift as the scheduler applies to its training grid.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    grid = FlowMatchEulerDiscreteScheduler(shift=1.0).sigmas.numpy()
+    np.testing.assert_allclose(flow.shift_sigmas(grid, 3.0), FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas.numpy(),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.7, 0.5), (-1.0, 1.5)])
+def test_logit_normal_density(mean, std):
+    u = np.asarray(flow.sample_sigmas(jax.random.key(0), 100_000, "logit_normal", mean, std, shift=1.0),
+                   np.float64)
+    logit = np.log(u) - np.log1p(-u)
+    assert abs(logit.mean() - mean) < 0.03 and abs(logit.std() - std) < 0.03
+
+
+def test_uniform_and_mode_match_diffusers_density():
+    # Same laws as compute_density_for_timestep_sampling (compared by quantiles: different bits).
+    import torch
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    g = torch.Generator().manual_seed(0)
+    q = np.linspace(0.05, 0.95, 19)
+    for scheme in ("uniform", "mode"):
+        theirs = compute_density_for_timestep_sampling(scheme, 100_000, 0.0, 1.0, 1.29, generator=g).numpy()
+        ours = np.asarray(flow.sample_sigmas(jax.random.key(1), 100_000, scheme, shift=1.0))
+        np.testing.assert_allclose(np.quantile(ours, q), np.quantile(theirs, q), atol=0.01)
+
+
+def test_unknown_schemes_are_refused():
+    with pytest.raises(ValueError, match="sampling scheme"):
+        flow.sample_sigmas(jax.random.key(0), 2, "cosine")
+    with pytest.raises(ValueError, match="weighting scheme"):
+        flow.loss_weights(jnp.ones(2), "snr")
+
+
+@pytest.mark.parametrize("scheme", flow.WEIGHTING_SCHEMES)
+def test_loss_weights_match_diffusers(scheme):
+    import torch
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    sigmas = np.array(flow.sample_sigmas(jax.random.key(2), 256, "logit_normal"))
+    theirs = compute_loss_weighting_for_sd3(scheme, torch.from_numpy(sigmas)).numpy()
+    np.testing.assert_allclose(np.asarray(flow.loss_weights(jnp.asarray(sigmas), scheme)), theirs, rtol=1e-6)
