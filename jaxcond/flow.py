@@ -18,7 +18,7 @@ import numpy as np
 
 SAMPLING_SCHEMES = ("logit_normal", "mode", "uniform")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "cosmap", "none")
-NUM_TRAIN_TIMESTEPS = 1000  # Only scales sigma into the network's timestep input.
+NUM_TRAIN_TIMESTEPS = 1000  # Scales sigma into the timestep input; the scheduler grid's size.
 DEFAULT_SHIFT = 3.0  # SD3's scheduler_config.
 
 
