@@ -38,19 +38,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit the run; the message says what to do."""
 
 
-def partial_checkpoints(directory: str) -> list[str]:
-    """Folders of checkpoints whose writing never finished (the process died first)."""
+def _scan(directory: str) -> tuple[list[str], list[str]]:
+    """(every name in `directory`, the partial checkpoints among them), from one listing."""
     names = storage.listdir(directory)
     if storage.is_url(directory):
-        return [n for n in names if n.isdigit() and not storage.exists(storage.join(directory, n, COMMIT_MARK))]
-    return [n for n in names if PARTIAL_MARK in n]
+        return names, [n for n in names
+                       if n.isdigit() and not storage.exists(storage.join(directory, n, COMMIT_MARK))]
+    return names, [n for n in names if PARTIAL_MARK in n]
+
+
+def partial_checkpoints(directory: str) -> list[str]:
+    """Folders of checkpoints whose writing never finished (the process died first)."""
+    return _scan(directory)[1]
 
 
 def complete_steps(directory: str) -> list[int]:
     """Steps whose checkpoint is complete in `directory` (read from storage, not from a
     manager's memory, which also lists a save still being written)."""
-    partial = set(partial_checkpoints(directory))
-    return sorted(int(n) for n in storage.listdir(directory) if n.isdigit() and n not in partial)
+    names, partial = _scan(directory)
+    return sorted(int(n) for n in names if n.isdigit() and n not in partial)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -160,16 +160,12 @@ def _shards() -> None:
 
 
 def _export() -> None:
-    from jaxcond import storage
     from jaxcond.export import export
 
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("export needs --workdir RUN (a trained run) and --out DIR or gs://BUCKET/path")
-    try:
-        m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value,
-                   lora=_LORA_FORMAT.value if _LORA.value else None, merge=_MERGE.value)
-    except storage.StorageError as e:  # Cloud Storage failed: the message names the URL and what to do
-        sys.exit(f"jaxcond export: {e}")
+    m = export(_WORKDIR.value, _OUT.value, _WEIGHTS.value, _STEP.value, _SINGLE.value, _MODEL_SOURCE.value,
+               lora=_LORA_FORMAT.value if _LORA.value else None, merge=_MERGE.value)
     what = f" the LoRA adapters ({m['lora']['format']} layout, {m['lora']['file']}) of" if "lora" in m else ""
     print(f"exported{what} step {m['step']} ({m['weights']} weights) of {_WORKDIR.value} to {_OUT.value}; "
           f"nulls {m['nulls']}")

@@ -35,7 +35,19 @@ EMULATOR = "STORAGE_EMULATOR_HOST"
 
 
 class StorageError(OSError):
-    """Reading or writing Cloud Storage failed; the message names the URL and what to do."""
+    """Reading or writing Cloud Storage failed; the message names the URL and what to do.
+    `reason`: "missing" (no such object or bucket), "denied" (401/403) or "other"."""
+
+    def __init__(self, message: str, reason: str = "other"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return "denied" if any(s in text for s in ("Forbidden", "401", "403", "Anonymous caller")) else "other"
 
 
 def honour_emulator() -> None:
@@ -116,9 +128,10 @@ def describe(e: BaseException, url: str) -> str:
     """One line for a failed access to `url`: what happened and what to do."""
     bucket = _key(url).split("/")[0]
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, FileNotFoundError):
+    reason = _reason(e)
+    if reason == "missing":
         return f"{url}: not found (does bucket gs://{bucket} exist? create it with `gcloud storage buckets create gs://{bucket}`)"
-    if "Forbidden" in text or "401" in text or "403" in text or "Anonymous caller" in text:
+    if reason == "denied":
         return (f"{url}: permission denied ({text}); give this machine's account write access to "
                 f"gs://{bucket} (roles/storage.objectAdmin)")
     return f"{url}: {type(e).__name__}: {text} (is Cloud Storage reachable from here?)"
@@ -131,10 +144,10 @@ def _errors(url: str) -> Iterator[None]:
     except StorageError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
-        raise StorageError(describe(e, url)) from e
+        raise StorageError(describe(e, url), _reason(e)) from e
     except Exception as e:  # noqa: BLE001 - aiohttp and gcsfs raise their own types for network faults
         if type(e).__module__.split(".")[0] in ("aiohttp", "gcsfs", "google", "requests", "asyncio"):
-            raise StorageError(describe(e, url)) from e
+            raise StorageError(describe(e, url), _reason(e)) from e
         raise
 
 
@@ -156,12 +169,7 @@ def listdir(path: str) -> list[str]:
     """Names in folder `path` (none if it does not exist)."""
     if not is_url(path):
         return os.listdir(path) if os.path.isdir(path) else []
-    with _errors(path):
-        try:
-            entries = fs().ls(_key(path), detail=False)
-        except FileNotFoundError:
-            return []
-    return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
+    return sorted(n for n in stat_folder(path) if n)
 
 
 def remove(path: str) -> None:

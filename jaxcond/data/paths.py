@@ -56,9 +56,9 @@ def read_object(url: str) -> tuple[bytes | None, str | None]:
 
 def _object_problem(e: storage.StorageError) -> str:
     """A missing or forbidden object as the skip a local file would get; other faults raise."""
-    if isinstance(e.__cause__, FileNotFoundError):
+    if e.reason == "missing":
         return "no such file"
-    if ": permission denied (" in str(e):  # storage.describe's wording for 401/403
+    if e.reason == "denied":
         return "unreadable (permission denied)"
     raise e
 
