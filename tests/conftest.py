@@ -6,6 +6,9 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "jax"
@@ -55,6 +58,22 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.sample.per_prompt = 2
     c.sample.steps = 3
     return c
+
+
+def start_two_processes(cfg_path, workdir: str, env: dict, logs: list, record_dir=None) -> list:
+    """The two processes of one run (tests/multihost_worker.py, gloo on a free local port),
+    each writing its output to its file in `logs` (a full pipe would stall them)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), str(i), "2", str(port),
+                 str(cfg_path), str(workdir), *([str(record_dir)] if record_dir else [])],
+                env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
 
 
 def make_data(cfg: ml_collections.ConfigDict, family, use_cache: bool = True):

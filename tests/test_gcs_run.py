@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, start_two_processes, tiny_config
 from jaxcond import checkpoint, export as export_lib, rundir, sample as sample_lib, storage, train as train_lib
 
 KILLS = 5
@@ -141,17 +140,10 @@ def test_two_processes_on_gcs_survive_a_network_fault(run_config, gcs, tmp_path)
     ckdir = storage.join(url, "checkpoints")
 
     def two_processes(logs: str, fault: bool) -> list[str]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         files = [tmp_path / f"{logs}_{i}.log" for i in range(2)]
         procs = []
         try:
-            for i in range(2):
-                with open(files[i], "w") as log:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), str(i), "2", str(port),
-                         str(cfg_path), url, str(tmp_path)], env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.extend(start_two_processes(cfg_path, url, env, files, record_dir=tmp_path))
             if fault:
                 t0 = time.time()
                 while not checkpoint.complete_steps(ckdir):

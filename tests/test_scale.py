@@ -6,9 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import start_two_processes
 from jaxcond import checkpoint, config as config_lib, distributed, program, sharding, train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,12 +139,6 @@ def test_distributed_modes_without_a_cluster(monkeypatch):
     assert "SLURM job 7 with 4 tasks" in distributed._announced_processes()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tmp_path):
     """Two processes x 4 CPU devices (gloo; mesh data=2 x fsdp=4, data across the
     processes), each started by `jaxcond train`'s command line, vs the one-process x 8
@@ -171,7 +163,6 @@ def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tm
     cfg_path.write_text(json.dumps(checkpoint.config_to_json(cfg)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    port = _free_port()
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]  # files: a full pipe would stall them
     procs = []
 
@@ -182,12 +173,7 @@ def test_two_processes_equal_one_and_stop_together(run_config, reference_run, tm
         procs[1].send_signal(signal.SIGTERM)
 
     try:
-        for i in range(2):
-            with open(logs[i], "w") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
-                     str(i), "2", str(port), str(cfg_path), str(two)],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        procs.extend(start_two_processes(cfg_path, two, env, logs))
         preempt = threading.Thread(target=preempt_process_1, daemon=True)
         preempt.start()
         for p in procs:
