@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -61,6 +62,20 @@ def remove_stale(path: str) -> None:
     for entry in os.listdir(folder) if os.path.isdir(folder) else ():
         if entry.startswith(f"{name}.tmp-"):
             _remove(os.path.join(folder, entry))
+
+
+_STALE = re.compile(r"\.tmp-\d+$")
+
+
+def clear_stale(folder: str) -> int:
+    """Deletes every temporary that `atomic` left in `folder` in processes that were killed;
+    call it only where no other process is writing there. Returns how many it deleted."""
+    if storage.is_url(folder) or not os.path.isdir(folder):
+        return 0
+    stale = [e for e in os.listdir(folder) if _STALE.search(e)]
+    for entry in stale:
+        _remove(os.path.join(folder, entry))
+    return len(stale)
 
 
 def _remove(path: str) -> None:

@@ -229,6 +229,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
         check_free_space(workdir, state)
         start = int(state["step"])
         if is_main_process():
+            outputs.clear_stale(workdir)  # what a killed run left half-written; only this process writes here
             with outputs.atomic(storage.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
                 json.dump(checkpoint.config_to_json(cfg), f, indent=2)
             log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(

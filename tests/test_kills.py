@@ -82,7 +82,11 @@ def test_kills_in_first_start_cache_build_and_export_leave_everything_resumable(
         _kill_once_ready(train, lambda: os.path.exists(os.path.join(run, "masks.jsonl")), rng.uniform(0.0, 0.5)),
     ]
     assert codes.count(-9) >= 2, codes  # (one may finish its step of the plan first)
+    # What a kill inside a log rewrite leaves (the random moments above rarely hit one).
+    for stale in ("metrics.jsonl.tmp-4194301", "config.json.tmp-4194302"):
+        open(os.path.join(run, stale), "w").write("cut off")
     _run(train)
+    assert not glob.glob(os.path.join(run, "*.tmp-*"))
     assert not glob.glob(base + ".tmp-*") and json.load(open(os.path.join(run, "config.json")))["seed"] == cfg.seed
     final = jax.device_get(rundir.load_trained(run).state)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref["state"]), final)
@@ -93,6 +97,7 @@ def test_kills_in_first_start_cache_build_and_export_leave_everything_resumable(
     cached.data.cache, whole.data.cache = str(tmp_path / "cache"), str(tmp_path / "cache_whole")
     build = _cmd("cache", cached, tmp_path, "--workdir", run)
     _kill_once_ready(build, lambda: os.path.isdir(cached.data.cache), rng.uniform(0.5, 3.0))
+    open(os.path.join(cached.data.cache, "manifest.json.tmp-4194303"), "w").write("cut off")  # as a kill mid-write
     _run(build)
     _run(_cmd("cache", whole, tmp_path, "--workdir", run))
     got, want = _files(cached.data.cache), _files(whole.data.cache)

@@ -140,6 +140,7 @@ def build(data: pipeline.Data, family: Family, directory: str, batch: int = 64) 
             "records": _records_of(data), "bucket_shapes": data.bucket_shapes, "chunk": CHUNK,
             "fingerprint": data.fingerprint}  # what a checkpoint of a run on this data records
     path = storage.join(directory, "manifest.json")
+    outputs.clear_stale(directory)  # a build killed mid-write left its temporaries
     manifest = {**want, "fields": {}, "done": []}
     if storage.exists(path):
         old = json.loads(storage.read_bytes(path))
