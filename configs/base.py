@@ -82,7 +82,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.hf_split = "train"  # hf: the split.
     c.data.image_column = "image"  # hf: column of the images.
     c.data.caption_column = "text"  # hf: column of the captions.
-    c.data.buckets = ()  # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square.
+    # (height, width) aspect-ratio buckets, e.g. ((32, 32), (24, 40)); () = square; "auto" =
+    # chosen from the images' own sizes by the rule in jaxcond/data/buckets.py (fields below).
+    # Any type: a tuple or the string "auto".
+    c.data.buckets = ml_collections.FieldReference((), field_type=object)
+    c.data.auto_buckets = ml_collections.ConfigDict()
+    c.data.auto_buckets.area = 0  # Target pixels per bucket (each within 20% below it); 0 = resolution**2.
+    c.data.auto_buckets.min_side = 0  # Shortest side in pixels; 0 = resolution / 2 (kohya's 256 at 512).
+    c.data.auto_buckets.max_side = 0  # Longest side in pixels; 0 = 2 * resolution (kohya's 1024 at 512).
+    c.data.auto_buckets.step = 0  # Sides are multiples of this (of the model's size multiple); 0 = that multiple.
+    c.data.auto_buckets.max_buckets = 8  # At most this many buckets (each compiles once); >= 1.
     c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
     c.data.flip = False  # Random horizontal flips (same determinism as the crop): True | False.
     c.data.caption_extension = ".txt"  # folder: captions in <image stem><this>, e.g. .caption (kohya).
@@ -122,6 +131,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Diffusion objective -----------------------------------------------------------------
     c.diffusion = ml_collections.ConfigDict()
+    # ddpm (Stable Diffusion 1.x/2.x, SDXL) | flow (rectified flow: SD3/3.5). Fine-tuning keeps the
+    # pretrained model's; the fields below are DDPM's, the flow_* ones the flow objective's.
+    c.diffusion.objective = "ddpm"
     c.diffusion.num_train_timesteps = 1000  # DDPM steps; >= 2.
     c.diffusion.beta_schedule = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2
     c.diffusion.beta_start = 0.0001  # linear/scaled_linear only.
@@ -130,6 +142,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction_type = "v_prediction"  # epsilon | v_prediction
     c.diffusion.snr_gamma = 5.0  # Min-SNR-gamma loss weighting; 0 turns it off.
     c.diffusion.noise_offset = 0.0  # Per-channel offset noise scale; 0 turns it off.
+    # Flow: sigma = shift(u), u from the density below; the network sees sigma * 1000.
+    c.diffusion.flow_shift = 3.0  # SD3's resolution shift (more steps at high noise); 1 = none.
+    c.diffusion.flow_timestep_sampling = "logit_normal"  # logit_normal | mode | uniform (SD3 paper, 3.1)
+    c.diffusion.flow_logit_mean = 0.0  # logit_normal's mean; > 0 trains more at high noise.
+    c.diffusion.flow_logit_std = 1.0  # logit_normal's standard deviation.
+    c.diffusion.flow_mode_scale = 1.29  # `mode` density's scale, in [0, 1.75].
+    # Loss weights per example: none (the density above does the weighting) | sigma_sqrt | cosmap.
+    c.diffusion.flow_weighting = "none"
 
     # --- Optimizer ---------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()
@@ -159,7 +179,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_accum = 1  # Micro-batches per update (global_batch must divide evenly).
     c.train.param_dtype = "float32"  # Storage dtype of trainable params, optimizer state: float32 | bfloat16.
     c.train.compute_dtype = "float32"  # float32 | bfloat16 (halves activation memory on TPU/GPU).
-    c.train.log_every = 25  # Steps between TensorBoard scalars; >= 1.
+    c.train.log_every = 25  # Steps between logged scalars (TensorBoard, metrics.jsonl, W&B); >= 1.
     c.train.sample_every = 1000  # Steps between sample grids (0: only at the end).
     # Updates with a non-finite loss or gradient are skipped (params, optimizer state and EMA
     # unchanged) and counted; past this many the run checkpoints and stops. -1: never stop.
@@ -180,6 +200,18 @@ def get_config() -> ml_collections.ConfigDict:
     # gs:// only: retries of a failed checkpoint request, delays doubling from 1 s to 32 s (10: ~3 min
     # of outage survived) before the run stops with an error, its newest complete checkpoint intact.
     c.checkpoint.storage_retries = 10
+
+    # --- Logging (TensorBoard always, in <workdir>/tb; Weights & Biases optionally) ----------
+    c.logging = ml_collections.ConfigDict()
+    # Also log to W&B from process 0: the TensorBoard scalars, the sample grids and this config;
+    # a resume continues the same W&B run. Needs the wandb extra (pip install 'jaxcond[wandb]').
+    c.logging.wandb = False
+    c.logging.wandb_project = "jaxcond"  # The W&B project.
+    c.logging.wandb_name = ""  # The W&B run's name; "" = the --workdir's folder name.
+    c.logging.wandb_entity = ""  # The W&B user or team; "" = your account's default entity.
+    # online (needs `wandb login` or WANDB_API_KEY) | offline (files only, in <workdir>/wandb;
+    # upload them later with `wandb sync`).
+    c.logging.wandb_mode = "online"
 
     # --- Sampling (validation grids; dropout is never applied here) --------------------------
     c.sample = ml_collections.ConfigDict()

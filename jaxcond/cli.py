@@ -64,7 +64,8 @@ _NEGATIVE = flags.DEFINE_string("negative_prompt", None,
                                 "sample: its encoding replaces the trained nulls in the unconditional branch.")
 _GUIDANCE = flags.DEFINE_list("guidance", ["1", "3", "7"], "sample: classifier-free guidance scales (columns).")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
-_SCHEDULER = flags.DEFINE_string("scheduler", "ddim", "sample: ddim | euler | euler_a | dpm++.")
+_SCHEDULER = flags.DEFINE_string("scheduler", None, "sample: ddim | euler | euler_a | dpm++ (default: the "
+                                 "config's sample.scheduler; a flow-matching model: euler only).")
 _SINGLE = flags.DEFINE_bool("single_file", False,
                             "export: also one .safetensors in the original SD layout (latent models).")
 _LORA = flags.DEFINE_bool("lora", False, "export: a LoRA run's adapters alone, as one .safetensors.")

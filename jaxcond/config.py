@@ -5,7 +5,8 @@ Each section is checked by the module that owns it (`validate` only dispatches):
 step's `seed`, `train.*`, `optim.*` by `jaxcond.train_step`, `dropout.*` by
 `jaxcond.dropout`, `diffusion.*` by `jaxcond.diffusion`, `mesh.*` by `jaxcond.sharding`,
 `checkpoint.*` by `jaxcond.checkpoint`, `model.*` by its family (`jaxcond.models.registry`),
-`data.*` and `loader.*` by `jaxcond.data.sources`, `sample.*` by `jaxcond.sampling`.
+`data.*` and `loader.*` by `jaxcond.data.sources`, `sample.*` by `jaxcond.sampling`,
+`logging.*` by `jaxcond.wandb_log`.
 Every error is a `jaxcond.checks.ConfigError` naming the field as it is overridden on
 the command line.
 """
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from jaxcond import checkpoint, diffusion, dropout, sampling, sharding, train_step
+from jaxcond import checkpoint, diffusion, dropout, sampling, sharding, train_step, wandb_log
 from jaxcond.checks import ConfigError
 from jaxcond.data import sources
 from jaxcond.models import registry
@@ -59,7 +60,9 @@ def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None, reads_dat
     multiple = family.config_size_multiple(cfg.model)
     if multiple is not None:  # checked again once loaded
         sources.check_image_sizes(cfg.data, multiple)
-    sampling.validate(cfg.sample)
+    sampling.validate(cfg.sample, cfg.diffusion.get("objective", "ddpm"))
+    if "logging" in cfg:  # configs saved before the section existed log to TensorBoard only
+        wandb_log.validate(cfg.logging)
 
 
 # Fields whose change alters which examples, masks or noise a step sees: a resumed run
@@ -70,8 +73,11 @@ RESUME_CRITICAL = ("seed", "dropout", "train.global_batch", "train.grad_accum", 
                    "train.param_dtype", "optim.name", "optim.moment_dtype", "optim.ema_dtype")
 # Fields added after runs were saved, at the value those runs had.
 _ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dtype": "params",
-          "model.frozen_dtype": "float32",
-          "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""}}
+          "model.frozen_dtype": "float32", "diffusion.objective": "ddpm", "diffusion.flow_shift": 3.0,
+          "diffusion.flow_timestep_sampling": "logit_normal", "diffusion.flow_logit_mean": 0.0,
+          "diffusion.flow_logit_std": 1.0, "diffusion.flow_mode_scale": 1.29, "diffusion.flow_weighting": "none",
+          "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""},
+          "data.auto_buckets": {"area": 0, "min_side": 0, "max_side": 0, "step": 0, "max_buckets": 8}}
 
 
 def _get(d: Mapping, dotted: str) -> object:

@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxcond import flow
 from jaxcond.checks import check, int_at_least, one_of
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# ddpm: the noise schedule below (Stable Diffusion 1.x/2.x, SDXL); flow: rectified flow (SD3, `jaxcond.flow`).
+OBJECTIVES = ("ddpm", "flow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +50,18 @@ class Schedule:
 
 def validate(d: ml_collections.ConfigDict) -> None:
     """Checks `config.diffusion` (`d`)."""
+    # (.get: runs saved before flow matching existed trained DDPM.)
+    one_of("diffusion.objective", d.get("objective", "ddpm"), OBJECTIVES)
+    check(d.noise_offset >= 0, "diffusion.noise_offset", d.noise_offset, "must be >= 0")
+    if d.get("objective", "ddpm") == "flow":
+        flow.validate(d)
+        check(d.snr_gamma == 0, "diffusion.snr_gamma", d.snr_gamma,
+              "is DDPM's min-SNR weighting: set 0 with objective 'flow' (its weights: diffusion.flow_weighting)")
+        return
     int_at_least("diffusion.num_train_timesteps", d.num_train_timesteps, 2)
     one_of("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES)
     one_of("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES)
     check(d.snr_gamma >= 0, "diffusion.snr_gamma", d.snr_gamma, "must be >= 0 (0 turns it off)")
-    check(d.noise_offset >= 0, "diffusion.noise_offset", d.noise_offset, "must be >= 0")
 
 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ import tempfile
 
 import jax
 
-from jaxcond import outputs, rundir, storage
+from jaxcond import flow, outputs, rundir, storage
 from jaxcond.checks import ConfigError
 from jaxcond.models import convert
 from jaxcond.models.family import DIFFUSERS_VERSION
@@ -32,8 +32,12 @@ UPLOADING = ".jaxcond-upload-incomplete"
 
 
 def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
-    """diffusers DDIMScheduler settings that sample the way jaxcond's sampler does."""
+    """diffusers scheduler settings that sample the way jaxcond's sampler does: DDIM, or
+    for a flow-matching model FlowMatchEulerDiscreteScheduler (jaxcond.flow.schedule)."""
     d = cfg_diffusion
+    if d.get("objective", "ddpm") == "flow":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS, "shift": d["flow_shift"]}
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
             "num_train_timesteps": d["num_train_timesteps"], "beta_schedule": d["beta_schedule"],
             "beta_start": d["beta_start"], "beta_end": d["beta_end"],

@@ -12,9 +12,14 @@ Not a `diffusion.py` variant: there is no alphas_cumprod and no integer timestep
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from jaxcond.checks import check, one_of
 
 SAMPLING_SCHEMES = ("logit_normal", "mode", "uniform")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "cosmap", "none")
@@ -25,6 +30,42 @@ DEFAULT_SHIFT = 3.0  # SD3's scheduler_config.
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
     v = jnp.asarray(v)
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """The training objective's settings (part of the compiled step, `StepSpec.flow`)."""
+
+    shift: float = DEFAULT_SHIFT
+    sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"
+
+    @staticmethod
+    def from_config(d: ml_collections.ConfigDict) -> FlowSpec | None:
+        """`config.diffusion`'s flow fields; None for the DDPM objective."""
+        if d.get("objective", "ddpm") != "flow":
+            return None
+        return FlowSpec(shift=float(d.flow_shift), sampling=d.flow_timestep_sampling,
+                        logit_mean=float(d.flow_logit_mean), logit_std=float(d.flow_logit_std),
+                        mode_scale=float(d.flow_mode_scale), weighting=d.flow_weighting)
+
+    def sigmas(self, key: jax.Array, batch: int) -> jax.Array:
+        return sample_sigmas(key, batch, self.sampling, self.logit_mean, self.logit_std, self.mode_scale,
+                             self.shift)
+
+
+def validate(d: ml_collections.ConfigDict) -> None:
+    """Checks the flow fields of `config.diffusion` (`d`)."""
+    check(d.flow_shift > 0, "diffusion.flow_shift", d.flow_shift, "must be > 0 (1 = no shift; SD3 uses 3.0)")
+    one_of("diffusion.flow_timestep_sampling", d.flow_timestep_sampling, SAMPLING_SCHEMES)
+    check(d.flow_logit_std > 0, "diffusion.flow_logit_std", d.flow_logit_std, "must be > 0")
+    # Above ~1.75 the `mode` density is no longer monotone and leaves (0, 1].
+    check(0 <= d.flow_mode_scale <= 1.75, "diffusion.flow_mode_scale", d.flow_mode_scale,
+          "must be in [0, 1.75] (SD3 uses 1.29)")
+    one_of("diffusion.flow_weighting", d.flow_weighting, WEIGHTING_SCHEMES)
 
 
 # Training.

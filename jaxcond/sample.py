@@ -22,16 +22,16 @@ from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
 
 
 def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
-             seed: int = 0, scheduler: str = "ddim", negative: str | None = None, weights: str = "ema",
+             seed: int = 0, scheduler: str | None = None, negative: str | None = None, weights: str = "ema",
              step: int | None = None, out: str | None = None, model_source: str | None = None,
              lora_scale: float = 1.0, cfg: ml_collections.ConfigDict | None = None) -> str:
     """Writes the grid of `prompts` (rows) x `guidance` (columns) from run `workdir`, or
     without a run from `cfg`'s model as it starts (e.g. a base model with a LoRA file,
     `model.lora.init_from`); returns its path. `lora_scale` scales LoRA adapters (0: the
-    base model)."""
+    base model). `scheduler`: the config's `sample.scheduler` unless given."""
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt")
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {scheduler!r}: use one of {SCHEDULERS}")
     if steps < 1 or any(g < 0 for g in guidance) or not guidance:
         raise ConfigError(f"--steps {steps} / --guidance {list(guidance)}: need steps >= 1 and scales >= 0")
@@ -42,6 +42,9 @@ def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float
     with tempfile.TemporaryDirectory() as scratch:  # a base the config builds locally (the demo) goes here
         t = (rundir.load_trained(workdir, step, model_source) if workdir is not None
              else rundir.load_untrained(cfg, scratch))
+    scheduler = scheduler or t.cfg.sample.scheduler
+    if t.spec.flow is not None and scheduler != "euler":
+        raise ConfigError(f"--scheduler {scheduler}: a flow-matching model samples with euler; drop the flag")
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")

@@ -19,6 +19,8 @@ the last training timestep, where v-prediction matters), deterministic from the 
   steps (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with lower_order_final).
 The last three work in the variance-exploding view x / sqrt(alpha_bar), sigma =
 sqrt((1 - alpha_bar) / alpha_bar), where the probability-flow ODE is dx/dsigma = (x - x0) / sigma.
+A flow-matching model (SD3) samples with `euler` only: Euler steps of its velocity on
+the shifted sigma grid of diffusers' FlowMatchEulerDiscreteScheduler (`jaxcond.flow`).
 
 Given a mesh, the samples are split over all of its devices (the batch sharding of
 training, `jaxcond.sharding.BATCH`), padded to a multiple of the device count; the
@@ -38,7 +40,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxcond import diffusion, dropout, rng, sharding, xla
+from jaxcond import diffusion, dropout, flow, rng, sharding, xla
 from jaxcond.checks import check, int_at_least, one_of
 from jaxcond.models.family import Family, Params
 from jaxcond.train_step import StepSpec, empty_conditioning
@@ -48,14 +50,17 @@ log = logging.getLogger("jaxcond")
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++")
 
 
-def validate(s: ml_collections.ConfigDict) -> None:
-    """Checks `config.sample` (`s`): the validation grids' settings."""
+def validate(s: ml_collections.ConfigDict, objective: str = "ddpm") -> None:
+    """Checks `config.sample` (`s`): the validation grids' settings, for a model trained
+    with `objective` (config.diffusion.objective)."""
     int_at_least("sample.num_prompts", s.num_prompts, 1)
     int_at_least("sample.per_prompt", s.per_prompt, 1)
     int_at_least("sample.steps", s.steps, 1)
     check(len(s.guidance) > 0 and all(g >= 0 for g in s.guidance), "sample.guidance", s.guidance,
           "one or more scales, each >= 0")
     one_of("sample.scheduler", s.scheduler, SCHEDULERS)
+    check(objective != "flow" or s.scheduler == "euler", "sample.scheduler", s.scheduler,
+          "a flow-matching model (diffusion.objective 'flow') samples with 'euler' (SD3's flow-matching Euler)")
 
 
 def unconditional(family: Family, spec: StepSpec, params: Params, frozen: Params,
@@ -126,8 +131,8 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
     With `mesh`, the N samples are split over its devices and the result is replicated;
     without, placement is left to jit.
     """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
+    if scheduler not in SCHEDULERS or (spec.flow is not None and scheduler != "euler"):
+        raise ValueError(f"scheduler {scheduler!r}: use one of {('euler',) if spec.flow else SCHEDULERS}")
     n = tokens.shape[0]
     rows = n if mesh is None else n + (-n % mesh.size)
 
@@ -146,8 +151,12 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
     uncond = (unconditional(family, spec, params, frozen, cond) if negative_tokens is None
               else _conditioning(family, parts, split(negative_tokens)))
     both = jax.tree.map(_pair, cond, uncond)
-    ts = trailing_timesteps(spec.schedule.num_train_timesteps, steps)
-    prev = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
+    if spec.flow is not None:  # (sigma, next sigma) pairs; the network is fed sigma * 1000
+        sigmas = jnp.asarray(flow.schedule(steps, spec.flow.shift)[0])
+        ts, prev = sigmas[:-1], sigmas[1:]
+    else:
+        ts = trailing_timesteps(spec.schedule.num_train_timesteps, steps)
+        prev = jnp.concatenate([ts[1:], jnp.array([-1], jnp.int32)])
     key = jax.random.key(seed)
     shape = (rows,) + tuple(family.sample_shape)
 
@@ -159,13 +168,16 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
     x_init = noise(key)
 
     def one_scale(g):
+        def model_t(t: jax.Array, r: int) -> jax.Array:
+            return jnp.full((r,), flow.model_timesteps(t) if spec.flow is not None else t)
+
         def guided(x: jax.Array, t: jax.Array) -> jax.Array:
-            out = family.denoise(parts, _pair(x, x), jnp.full((2 * rows,), t), both)
+            out = family.denoise(parts, _pair(x, x), model_t(t, 2 * rows), both)
             out = out.reshape((rows, 2) + out.shape[1:])
             return out[:, 1] + g * (out[:, 0] - out[:, 1])
 
         def branch(c: dict[str, jax.Array]) -> Callable:
-            return lambda x, t: family.denoise(parts, x, jnp.full((rows,), t), c)
+            return lambda x, t: family.denoise(parts, x, model_t(t, rows), c)
 
         # Scale 0 is the unconditional branch alone and 1 the conditional one: each needs
         # half the model evaluations of a guided scale (lax.map runs one switch branch).
@@ -175,6 +187,8 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
             k, t, t_prev = inp
             x = carry.pop("x")
             out = jax.lax.switch(which, [branch(uncond), branch(cond), guided], x, t)
+            if spec.flow is not None:  # out is the guided velocity
+                return {**carry, "x": flow.euler_step(x, out, t, t_prev)}, None
             _, x0 = diffusion.to_epsilon_and_x0(spec.schedule.prediction_type, acp, x, out, jnp.full((rows,), t))
             if clip_x0:
                 # Each update re-derives its direction from the clipped x0: keeping the

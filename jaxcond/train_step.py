@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcond import diffusion, dropout, rng, sharding
+from jaxcond import diffusion, dropout, flow, rng, sharding
 from jaxcond.checks import check, in_unit_interval, int_at_least, one_of
 from jaxcond.models.family import Family, Params
 
@@ -46,6 +46,7 @@ class StepSpec:
     grad_accum: int
     steps_per_epoch: int
     schedule: diffusion.Schedule
+    flow: flow.FlowSpec | None = None  # the rectified-flow objective (SD3) instead of `schedule`'s DDPM
     snr_gamma: float = 0.0
     noise_offset: float = 0.0
     ema_decay: float = 0.0
@@ -65,7 +66,7 @@ class StepSpec:
             steps_per_epoch=steps_per_epoch,
             schedule=diffusion.Schedule(d.num_train_timesteps, d.beta_schedule, d.beta_start,
                                         d.beta_end, d.prediction_type),
-            snr_gamma=float(d.snr_gamma), noise_offset=float(d.noise_offset),
+            flow=flow.FlowSpec.from_config(d), snr_gamma=float(d.snr_gamma), noise_offset=float(d.noise_offset),
             ema_decay=float(cfg.optim.ema_decay), ema_dtype=cfg.optim.get("ema_dtype", "params"))
 
 
@@ -169,13 +170,15 @@ def abstract_state(family: Family, spec: StepSpec, tx: optax.GradientTransformat
 
 
 def step_randomness(spec: StepSpec, step: jax.Array, x_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Masks, timesteps and noise of one step, over the global batch."""
+    """Masks, timesteps and noise of one step, over the global batch. Timesteps `t` are
+    DDPM's integer ones, or the flow objective's sigmas in (0, 1]."""
     b = spec.global_batch
     with rng.derivation():
         masks = (dropout.masks(spec.seed, step, spec.groups, b, spec.steps_per_epoch)
                  if spec.with_dropout else {})
-        t = jax.random.randint(rng.stream_key(spec.seed, step, rng.STREAM_TIMESTEP), (b,), 0,
-                               spec.schedule.num_train_timesteps)
+        key = rng.stream_key(spec.seed, step, rng.STREAM_TIMESTEP)
+        t = (spec.flow.sigmas(key, b) if spec.flow is not None
+             else jax.random.randint(key, (b,), 0, spec.schedule.num_train_timesteps))
         noise = jax.random.normal(rng.stream_key(spec.seed, step, rng.STREAM_NOISE), x_shape)
         if spec.noise_offset > 0:
             k = rng.stream_key(spec.seed, step, rng.STREAM_NOISE_OFFSET)
@@ -201,13 +204,16 @@ def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
         empty = empty_conditioning(family, parts)
         nulls = dropout.null_values(dict(spec.nulls), empty, sharding.gather(params["nulls"]))
         cond = dropout.apply(cond, nulls, mb["masks"], spec.groups)
-    acp = jnp.asarray(spec.schedule.alphas_cumprod)
     x0, noise, t = mb["x0"], mb["noise"], mb["t"]
-    x_t = diffusion.add_noise(acp, x0, noise, t)
-    pred = family.denoise(parts, x_t, t, cond)
-    want = diffusion.target(spec.schedule.prediction_type, acp, x0, noise, t)
+    if spec.flow is not None:  # t: sigmas; the network is fed sigma * 1000 and predicts the velocity
+        pred = family.denoise(parts, flow.noisy(x0, noise, t), flow.model_timesteps(t), cond)
+        want, w = flow.target(x0, noise), flow.loss_weights(t, spec.flow.weighting)
+    else:
+        acp = jnp.asarray(spec.schedule.alphas_cumprod)
+        pred = family.denoise(parts, diffusion.add_noise(acp, x0, noise, t), t, cond)
+        want = diffusion.target(spec.schedule.prediction_type, acp, x0, noise, t)
+        w = diffusion.min_snr_weight(spec.schedule.prediction_type, acp, t, spec.snr_gamma)
     mse = jnp.mean(jnp.square(pred - want), axis=tuple(range(1, pred.ndim)))
-    w = diffusion.min_snr_weight(spec.schedule.prediction_type, acp, t, spec.snr_gamma)
     return jnp.mean(w * mse)
 
 

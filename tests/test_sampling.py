@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from jaxcond import diffusion, dropout, export as export_lib, sampling, sharding
+from jaxcond import diffusion, dropout, export as export_lib, flow, sampling, sharding
 from jaxcond.sample import sample as sample_run
 from jaxcond.models.family import Family
 from jaxcond.train_step import StepSpec
@@ -92,6 +92,53 @@ def test_deterministic_schedulers_match_diffusers(name):
         np.testing.assert_allclose(_ours(name), ref, atol=2e-5)
     else:
         np.testing.assert_allclose(_ours(name), xt.numpy(), atol=2e-4)
+
+
+FLOW_SPEC = dataclasses.replace(SPEC, flow=flow.FlowSpec(shift=3.0))
+
+
+def test_flow_sampler_matches_diffusers_flow_match_euler():
+    """A flow model samples as StableDiffusion3Pipeline does with the exported scheduler,
+    CFG included (the Toy's float timesteps are sigma * 1000, as SD3's)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = {"objective": "flow", "flow_shift": 3.0}
+    sched = FlowMatchEulerDiscreteScheduler.from_config(export_lib.scheduler_config(cfg, clip_sample=False))
+    sched.set_timesteps(8)
+    fam, g = Toy(), 4.0
+    params = {"model": fam.trainable, "nulls": {}}
+    tokens = fam.tokenize(["ab", "abcd"])
+    cond = fam.encode({}, jnp.asarray(tokens))
+    uncond = {"text": jnp.zeros_like(cond["text"])}  # a `zeros` null
+    spec = dataclasses.replace(FLOW_SPEC, groups=(dropout.Group("caption", ("text",), 0.1),), nulls=(("text", "zeros"),))
+    x = jax.random.normal(jax.random.key(3), (2, 3, 4, 4))
+    xt = torch.from_numpy(np.array(x))
+    for t in sched.timesteps:
+        tt = jnp.full((2,), float(t))
+        c, u = (np.asarray(fam.denoise(fam.trainable, jnp.asarray(xt.numpy()), tt, k)) for k in (cond, uncond))
+        xt = sched.step(torch.from_numpy(u + g * (c - u)), t, xt).prev_sample
+    ours = sampling.sample(fam, spec, params, {}, tokens, jnp.array([g]), jnp.int32(3), steps=8, scheduler="euler",
+                           clip_x0=False)
+    np.testing.assert_allclose(np.asarray(ours[0]), xt.numpy(), atol=2e-5)
+
+
+def test_flow_sampler_reaches_x0_with_the_true_velocity():
+    """Straight paths: with the exact velocity (x - x0) / sigma, Euler lands on x0 at any step count."""
+    target = jnp.linspace(-1, 1, 48).reshape(3, 4, 4)
+
+    class Oracle(Toy):
+        def denoise(self, trainable, x_t, t, cond):
+            return (x_t - target) / (t.astype(jnp.float32) / 1000).reshape(-1, 1, 1, 1)
+
+    fam = Oracle()
+    for steps in (1, 3, 20):
+        out = sampling.sample(fam, FLOW_SPEC, {"model": fam.trainable, "nulls": {}}, {}, fam.tokenize(["a", "b"]),
+                              jnp.array([1.0]), jnp.int32(0), steps=steps, scheduler="euler", clip_x0=False)
+        np.testing.assert_allclose(np.asarray(out[0]), np.broadcast_to(target, (2, 3, 4, 4)), atol=1e-5)
+    with pytest.raises(ValueError, match="euler"):
+        sampling.sample(fam, FLOW_SPEC, {"model": fam.trainable, "nulls": {}}, {}, fam.tokenize(["a"]),
+                        jnp.array([1.0]), jnp.int32(0), steps=2, scheduler="ddim")
 
 
 def _euler_float64(fam, cond, x, sched):
