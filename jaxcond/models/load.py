@@ -88,6 +88,14 @@ def _pytorch_files(folder: str, stem: str) -> list[str]:
                             "sharded index, or Flax .msgpack weights")
 
 
+def pytorch_tensors(folder: str, library: str) -> dict[str, jax.Array]:
+    """The PyTorch tensors of part `folder` (`library`: "diffusers" or "transformers"), as
+    `diffusers_part` and `transformers_part` would read them, for a model whose keys need
+    a fix before `convert.from_pytorch` (then pass them as `tensors`)."""
+    _check_part(folder)
+    return convert.read_safetensors(_pytorch_files(folder, _FILES[library][1]))
+
+
 def _check_part(folder: str) -> None:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder}/config.json is missing; is {os.path.dirname(folder)!r} "
