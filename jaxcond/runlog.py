@@ -1,5 +1,6 @@
 """Process 0's record of a run: TensorBoard scalars and images, metrics.jsonl, masks.jsonl,
-sample PNGs and the adherence summary. Other processes log nothing.
+sample PNGs, the adherence summary and, with config.logging.wandb, the same scalars and
+grids in W&B (jaxcond.wandb_log). Other processes log nothing.
 
 A run directory on Cloud Storage cannot be appended to in place: there the logs are
 written in a local folder and appended to their objects at each checkpoint (`sync`,
@@ -13,11 +14,12 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from jaxcond import distributed, masks as masks_lib, outputs, storage
+from jaxcond import checkpoint, distributed, masks as masks_lib, outputs, storage, wandb_log
 from jaxcond.data.pipeline import Data
 from jaxcond.train_step import StepSpec
 
@@ -55,9 +57,11 @@ class RunLog:
     nothing.
     """
 
-    def __init__(self, workdir: str, start: int, spec: StepSpec, data: Data):
+    def __init__(self, workdir: str, start: int, spec: StepSpec, data: Data,
+                 cfg: ml_collections.ConfigDict | None = None):
         """Logs the run in `workdir` from step `start` on: `spec` names its groups and batch,
-        `data` the record ids of each step's batch."""
+        `data` the record ids of each step's batch, `cfg` (the run's config) whether and where
+        W&B logs too (None: it does not)."""
         self.spec, self.data, self.workdir, self.active = spec, data, workdir, distributed.is_main_process()
         self.pending: list[tuple[int, dict[str, jax.Array], dict[str, jax.Array]]] = []
         self.last_t, self.last_step = time.perf_counter(), start
@@ -73,6 +77,9 @@ class RunLog:
                     self.mirror.fetch(name)
                 if truncate_jsonl(os.path.join(self.dir, name), keep) and self.mirror:
                     self.mirror.replace(name)
+        self.cfg = cfg
+        self.wandb = (wandb_log.WandbRun(cfg, workdir, checkpoint.config_to_json(cfg))
+                      if self.active and cfg is not None and wandb_log.enabled(cfg) else None)
 
     def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
         groups = [g.name for g in self.spec.groups if f"dropped/{g.name}" in metrics]
@@ -92,6 +99,8 @@ class RunLog:
                 f.write(json.dumps({"step": done, **scalars}) + "\n")
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, done)
+            if self.wandb:
+                self.wandb.scalars(done, scalars)
         return scalars
 
     def _write_masks(self) -> None:
@@ -126,17 +135,29 @@ class RunLog:
         if not self.active:
             return
         self.writer.add_image("samples", grid, done, dataformats="HWC")
-        for col, s in scores.items():
-            for k, v in s.items():
-                self.writer.add_scalar(f"adherence/{col}/{k}", v, done)
+        adherence = {f"adherence/{col}/{k}": v for col, s in scores.items() for k, v in s.items()}
+        for k, v in adherence.items():
+            self.writer.add_scalar(k, v, done)
+        if self.wandb:
+            self.wandb.image(done, "samples", grid, self._grid_caption())
+            if adherence:
+                self.wandb.scalars(done, adherence)
         name = "samples_final.png" if final else f"samples_{done:06d}.png"
         with outputs.atomic(storage.join(self.workdir, name)) as tmp:
             Image.fromarray(grid).save(tmp, format="PNG")
+
+    def _grid_caption(self) -> str:
+        """What the grid shows: its columns (guidance) and rows (captions), as train.eval_layout lays them out."""
+        s = self.cfg.sample
+        columns = ", ".join(["unconditional"] + [f"guidance {g:g}" for g in s.guidance])
+        return f"columns: {columns}; rows: " + " | ".join(self.data.eval_captions(s.num_prompts))
 
     def close(self, scores: dict) -> None:
         if not self.active:
             return
         self.writer.close()
+        if self.wandb:
+            self.wandb.close()
         if self.mirror:
             self.mirror.sync()
             self.mirror.close()

@@ -29,7 +29,7 @@ from jaxcond.checks import ConfigError
 from jaxcond.data import pipeline, sources
 from jaxcond.distributed import is_main_process
 from jaxcond.models.family import Family
-from jaxcond import outputs, storage
+from jaxcond import outputs, storage, wandb_log
 from jaxcond.outputs import make_output_dir
 from jaxcond.rundir import load_family
 from jaxcond.runlog import RunLog
@@ -116,6 +116,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
     """Validates the config and builds model, data, mesh and the compiled step."""
     devices = jax.devices() if devices is None else devices
     config_lib.validate(cfg, len(devices))
+    wandb_log.require(cfg)
     sharding.check_slices(cfg.mesh.dcn_data, devices)
     mesh = sharding.make_mesh(sharding.mesh_shape(cfg.mesh, len(devices)), devices, cfg.mesh.dcn_data)
     family = load_family(cfg, workdir)
@@ -235,7 +236,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
             log.info("%s\n  steps %d -> %d, %d trainable params", sharding.summary(
                 run.mesh, state, run.frozen, cfg.train.global_batch, cfg.train.grad_accum), start,
                 cfg.train.steps, sum(x.size for x in jax.tree.leaves(state["params"])))
-        runlog = RunLog(workdir, start, run.spec, run.data)
+        runlog = RunLog(workdir, start, run.spec, run.data, cfg)
         # A stop requested while compiling or restoring: nothing new to save (one process;
         # several agree on a step inside the loop).
         end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
