@@ -1,0 +1,376 @@
+"""Stable Diffusion 3 / 3.5: jaxcond's MMDiT conditioned by CLIP-L, CLIP-G and T5-XXL.
+
+Loaded from a diffusers-format folder or hub id (`transformer/`, `text_encoder/`,
+`text_encoder_2/` (CLIPTextModelWithProjection), `text_encoder_3/` (T5EncoderModel),
+`tokenizer/`, `tokenizer_2/`, `tokenizer_3/`, `vae/`) with PyTorch safetensors weights:
+the MMDiT through `mmdit_convert`, the rest into transformers' and diffusers' Flax classes
+(`jaxcond.models.load`).
+
+Five conditioners, one per encoder output, so that a dropout group over one encoder's
+conditioners drops exactly what StableDiffusion3Pipeline drops for a missing encoder:
+`clip_l`, `clip_g` (penultimate hidden states, [77, width]), `t5` (last hidden state,
+[model.t5_max_length, 4096]), `pooled_l`, `pooled_g` (the CLIP projections, which the
+pipeline concatenates into the pooled vector). `denoise` assembles the joint context from
+whatever it is given exactly as the pipeline's `encode_prompt` does: CLIP-L and CLIP-G
+side by side on the features, zero-padded to T5's width, then T5's tokens after them.
+
+Latents follow SD3's VAE convention: x0 = (z - shift_factor) * scaling_factor, decoded
+from x0 / scaling_factor + shift_factor. The network's timestep input is sigma * 1000
+(jaxcond.flow). LoRA and text-encoder fine-tuning are not implemented for this family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxcond import sharding
+from jaxcond.checks import ConfigError, check, int_at_least, one_of
+from jaxcond.models import convert, load, mmdit_convert
+from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
+from jaxcond.models.mmdit import MMDiT, MMDiTConfig
+from jaxcond.models.unet_clip import _quiet_deprecations
+
+CLIPS = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G
+T5 = "text_encoder_3"
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+PARTS = ("transformer", *CLIPS, T5, *TOKENIZERS, "vae")
+CONDITIONERS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
+MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses a longer max_sequence_length
+DEFAULT_SHIFT = 3.0  # SD3's scheduler shift, when the source has no scheduler config
+# The config files (no weights, no tokenizer vocabularies) of these hub models ship with
+# jaxcond, so their parameter shapes are known offline (`jaxcond plan`).
+SHIPPED = {"stabilityai/stable-diffusion-3.5-medium": "sd35_medium",
+           "stabilityai/stable-diffusion-3.5-large": "sd35_large"}
+# PyTorch's T5 names its gated projections `wi_0`/`wi_1`, which convert's rule would read
+# as list entries `wi.0`; and it ties `encoder.embed_tokens` to `shared` (one tensor).
+_T5_GATED = re.compile(r"\.wi_(\d)\.")
+_T5_TIED = "encoder.embed_tokens.weight"
+
+
+def t5_from_pytorch(tensors: Mapping) -> dict:
+    """A PyTorch T5EncoderModel state dict keyed as `convert.from_pytorch` reads it."""
+    out = {_T5_GATED.sub(r".wi.\1.", k): v for k, v in tensors.items() if k != _T5_TIED}
+    if "shared.weight" not in out and _T5_TIED in tensors:
+        out["shared.weight"] = tensors[_T5_TIED]
+    return out
+
+
+def t5_to_pytorch(tensors: Mapping) -> dict:
+    """`convert.to_pytorch` of a Flax T5 encoder keyed as PyTorch's T5EncoderModel."""
+    return {re.sub(r"\.wi\.(\d)\.", r".wi_\1.", k): v for k, v in tensors.items()}
+
+
+class _NumpyWithOldClip:
+    """jax.numpy, but `clip` also takes the `a_min`/`a_max` names that JAX removed."""
+
+    def __getattr__(self, name: str):
+        return getattr(jnp, name)
+
+    @staticmethod
+    def clip(x, a_min=None, a_max=None):
+        return jnp.clip(x, min=a_min, max=a_max)
+
+
+def patch_flax_t5() -> None:
+    """transformers' Flax T5 calls `jnp.clip(..., a_max=)`, which this JAX refuses: its
+    module (only it) gets a jax.numpy whose clip takes those names."""
+    from transformers.models.t5 import modeling_flax_t5
+
+    if not isinstance(modeling_flax_t5.jnp, _NumpyWithOldClip):
+        modeling_flax_t5.jnp = _NumpyWithOldClip()
+
+
+def model_index() -> dict:
+    """The `model_index.json` of StableDiffusion3Pipeline for these parts."""
+    return {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "text_encoder_3": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "tokenizer_3": ["transformers", "T5TokenizerFast"],
+            "image_encoder": [None, None], "feature_extractor": [None, None]}
+
+
+def scheduler_config(shift: float = DEFAULT_SHIFT) -> dict:
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+            "num_train_timesteps": 1000, "shift": shift}
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, Any, Any, int]:
+    """The transformer's config, the CLIP-L and CLIP-G configs and T5's width, once their
+    configs (before any weights are read) show that the parts fit together."""
+    configs = {}
+    for sub in ("transformer", *CLIPS, T5, "vae"):
+        file = os.path.join(path, sub, "config.json")
+        if not os.path.isfile(file):
+            raise ConfigError(f"config.model.source = {source!r} has no {sub}/config.json; is it a diffusers-format "
+                              "SD3 folder?")
+        configs[sub] = _read_json(file)
+    try:
+        c = MMDiTConfig.from_diffusers(configs["transformer"])
+    except ValueError as e:
+        raise ConfigError(f"{path}/transformer/config.json: {e}") from None
+    from transformers import CLIPTextConfig, T5Config
+
+    # transformers' config classes: they fill in the fields a config.json leaves at their defaults.
+    clip_l, clip_g = (CLIPTextConfig.from_dict(configs[n]) for n in CLIPS)
+    layers = min(clip_l.num_hidden_layers, clip_g.num_hidden_layers)
+    if not 1 <= clip_skip < layers:
+        raise ConfigError(f"config.model.clip_skip = {clip_skip}: the CLIP encoders have {layers} layers; use 1 "
+                          f"(the penultimate, SD3's own) up to {layers - 1}")
+    t5_width, latent = T5Config.from_dict(configs[T5]).d_model, configs["vae"].get("latent_channels", 4)
+    widths, projections = (clip_l.hidden_size, clip_g.hidden_size), (clip_l.projection_dim, clip_g.projection_dim)
+    problems = []
+    if t5_width != c.joint_attention_dim:
+        problems.append(f"T5 gives {t5_width} features but the transformer attends to {c.joint_attention_dim}")
+    if sum(widths) > t5_width:
+        problems.append(f"the CLIP widths {widths[0]} + {widths[1]} exceed T5's {t5_width}")
+    if sum(projections) != c.pooled_projection_dim:
+        problems.append(f"the CLIP projections {projections[0]} + {projections[1]} do not make the transformer's "
+                        f"pooled_projection_dim {c.pooled_projection_dim}")
+    if latent != c.in_channels:
+        problems.append(f"the VAE makes {latent} channels, the transformer takes {c.in_channels}")
+    if problems:
+        raise ConfigError(f"config.model.source = {source!r}: its parts do not belong together ("
+                          + "; ".join(problems) + ")")
+    return c, clip_l, clip_g, t5_width
+
+
+class SD3(Family):
+    """StableDiffusion3Pipeline's models: MMDiT + CLIP-L + CLIP-G + T5 + a 16-channel VAE."""
+
+    latent = True
+
+    def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1, t5_max_length: int = 256,
+                 remat: str = "none", frozen_dtype: str = "float32", shapes_only: bool = False):
+        """`source`: a diffusers-format folder or hub id. `clip_skip`: 1 = the CLIP encoders'
+        penultimate layer (the pipeline's clip_skip=None), 2 = the one before (its clip_skip=1), ...
+        `t5_max_length`: T5 tokens per caption (the pipeline's max_sequence_length).
+        `remat`: none | full (the whole MMDiT recomputed in the backward pass).
+        `shapes_only`: params are shapes from the configs alone, which for the SD3.5 hub ids
+        ship with jaxcond; without tokenizer vocabularies the token ids are zeros."""
+        _quiet_deprecations()
+        patch_flax_t5()
+        from transformers import CLIPTokenizer, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5TokenizerFast
+
+        if shapes_only:
+            path = (os.path.join(load.SHIPPED_DIR, SHIPPED[source]) if source in SHIPPED
+                    else load.resolve_configs(source))
+        else:
+            path = load.resolve(source)
+        missing = [sub for sub in PARTS if not os.path.isdir(os.path.join(path, sub))]
+        if missing:
+            raise ConfigError(f"config.model.source = {source!r} has no {', '.join(s + '/' for s in missing)}: the "
+                              f"sd3 family loads a diffusers-format SD3 folder ({', '.join(PARTS)})")
+        self.path, self.dtype, self.remat, self.frozen_dtype = path, dtype, remat, frozen_dtype
+        self.config, clip_l, clip_g, t5_width = _check_parts(source, path, clip_skip)
+        self.clip_skip, weights = clip_skip, not shapes_only
+        self.transformer = MMDiT(self.config, dtype=dtype)
+        if weights:
+            tensors = load.pytorch_tensors(os.path.join(path, "transformer"), "diffusers")
+            params = mmdit_convert.from_diffusers(tensors, self.config, source=os.path.join(path, "transformer"))
+        else:
+            params = mmdit_convert.param_shapes(self.config)
+        self.trainable, self.frozen, self.text_models = {"transformer": params}, {}, {}
+        for name in CLIPS:
+            self.text_models[name], self.frozen[name] = load.transformers_part(
+                FlaxCLIPTextModelWithProjection, os.path.join(path, name), dtype, weights=weights)
+        t5_tensors = t5_from_pytorch(load.pytorch_tensors(os.path.join(path, T5), "transformers")) if weights else None
+        self.text_models[T5], self.frozen[T5] = load.transformers_part(FlaxT5EncoderModel, os.path.join(path, T5),
+                                                                       dtype, t5_tensors, weights)
+        self._load_vae(os.path.join(path, "vae"), dtype, weights)
+
+        self.tokenizers = []
+        if weights or os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
+            self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(path, t)) for t in TOKENIZERS[:2]]
+            self.tokenizers.append(T5TokenizerFast.from_pretrained(os.path.join(path, TOKENIZERS[2])))
+            self.max_length = self.tokenizers[0].model_max_length
+        else:
+            self.max_length = _read_json(os.path.join(path, "tokenizer", "tokenizer_config.json"))["model_max_length"]
+        self.t5_max_length = t5_max_length
+        self.lengths = (self.max_length, self.max_length, t5_max_length)  # the pipeline's CLIP limit is tokenizer/'s
+
+        self.conditioners = {"clip_l": (self.max_length, clip_l.hidden_size),
+                             "clip_g": (self.max_length, clip_g.hidden_size), "t5": (t5_max_length, t5_width),
+                             "pooled_l": (clip_l.projection_dim,), "pooled_g": (clip_g.projection_dim,)}
+        if frozen_dtype != "float32":
+            self.frozen = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if isinstance(x, jax.ShapeDtypeStruct)
+                else jnp.asarray(x, jnp.bfloat16), self.frozen)
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        c = self.config
+        self.sample_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.image_size = c.sample_size * vae_factor
+        self.size_multiple = vae_factor * c.patch_size
+
+    def _load_vae(self, folder: str, dtype: jnp.dtype, weights: bool) -> None:
+        """diffusers' Flax AutoencoderKL, whose 1x1 quant convs SD3's VAE does without
+        (use_quant_conv=False): they are left out of its params and skipped when applied."""
+        from diffusers import FlaxAutoencoderKL
+
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ConfigError(f"{folder}/config.json is missing; is it a diffusers-format SD3 folder?")
+        config = _read_json(os.path.join(folder, "config.json"))
+        if not config.get("mid_block_add_attention", True):
+            raise ConfigError(f"{folder}: a VAE without mid-block attention is not supported (diffusers' Flax VAE)")
+        self.vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(folder), dtype=dtype)
+        self.quant = {k: config.get(f"use_{k}", True) for k in ("quant_conv", "post_quant_conv")}
+        self.scale, self.shift = config["scaling_factor"], config.get("shift_factor") or 0.0
+        template = jax.eval_shape(self.vae.init_weights, jax.random.key(0))
+        template = {k: v for k, v in template.items() if self.quant.get(k, True)}
+        self.frozen["vae"] = (convert.from_pytorch(load.pytorch_tensors(folder, "diffusers"), template, source=folder)
+                              if weights else template)
+
+    @classmethod
+    def check_config(cls, model: ml_collections.ConfigDict) -> None:
+        check(bool(model.source) and not model.source.endswith(".safetensors"), "model.source", model.source,
+              "the sd3 family loads a diffusers-format folder or hub id, e.g. stabilityai/stable-diffusion-3.5-medium")
+        check(not model.get("base"), "model.base", model.get("base"), "the sd3 family reads no single-file "
+              "checkpoints; leave it empty")
+        int_at_least("model.clip_skip", model.clip_skip, 1)
+        n = model.get("t5_max_length", 256)
+        check(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_T5_LENGTH, "model.t5_max_length", n,
+              f"must be an integer in [1, {MAX_T5_LENGTH}] (StableDiffusion3Pipeline's max_sequence_length)")
+        check(model.get("train_text_encoder", False) is False, "model.train_text_encoder",
+              model.get("train_text_encoder"), "fine-tuning the text encoders is not implemented for sd3; set False")
+        one_of("model.remat", model.get("remat", "none"), ("none", "full"))
+        one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
+        rank = model.lora.get("rank", 0) if "lora" in model else 0
+        check(rank == 0, "model.lora.rank", rank, "LoRA is not implemented for sd3; set 0 (a full fine-tune)")
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
+                    resolution: int, shapes_only: bool = False) -> SD3:
+        return cls(model.source, dtype=dtype, clip_skip=model.clip_skip, t5_max_length=model.get("t5_max_length", 256),
+                   remat=model.get("remat", "none"), frozen_dtype=model.get("frozen_dtype", "float32"),
+                   shapes_only=shapes_only)
+
+    def tokenize(self, captions: Sequence[str]) -> np.ndarray:
+        """[B, 77 + 77 + t5_max_length]: CLIP-L's, CLIP-G's and T5's ids side by side."""
+        if not self.tokenizers:  # shapes only: compiled, never run
+            return np.zeros((len(captions), sum(self.lengths)), np.int32)
+        return np.concatenate([t(list(captions), padding="max_length", max_length=n, truncation=True,
+                                 return_tensors="np").input_ids.astype(np.int32)
+                               for t, n in zip(self.tokenizers, self.lengths)], axis=1)
+
+    def overlong(self, captions: Sequence[str]) -> np.ndarray:
+        cut = np.zeros(len(captions), bool)
+        for t, n in zip(self.tokenizers, self.lengths):
+            cut |= [len(i) > n for i in t(list(captions), truncation=False, verbose=False).input_ids]
+        return cut
+
+    def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
+        n = self.max_length
+        cond = {}
+        for name, ids, suffix in ((CLIPS[0], tokens[:, :n], "l"), (CLIPS[1], tokens[:, n:2 * n], "g")):
+            out = self.text_models[name](input_ids=ids, params=params[name], train=False, output_hidden_states=True)
+            cond[f"clip_{suffix}"] = out.hidden_states[-(self.clip_skip + 1)]
+            cond[f"pooled_{suffix}"] = out.text_embeds
+        cond["t5"] = self.text_models[T5](input_ids=tokens[:, 2 * n:], params=params[T5], train=False).last_hidden_state
+        return cond
+
+    def joint_context(self, cond: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(context [B, 77 + t5_max_length, joint_attention_dim], pooled [B, pooled_projection_dim])
+        from the five conditioners, as StableDiffusion3Pipeline.encode_prompt builds them."""
+        clip = jnp.concatenate([cond["clip_l"], cond["clip_g"]], axis=-1)
+        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, self.config.joint_attention_dim - clip.shape[-1])))
+        context = jnp.concatenate([clip.astype(self.dtype), cond["t5"].astype(self.dtype)], axis=1)
+        pooled = jnp.concatenate([cond["pooled_l"], cond["pooled_g"]], axis=-1).astype(self.dtype)
+        return context, pooled
+
+    def denoise(self, params: Params, x_t: jax.Array, t: jax.Array,
+                cond: Mapping[str, jax.Array]) -> jax.Array:
+        """The velocity prediction; `t` is sigma * 1000 (float) per example."""
+        context, pooled = self.joint_context(cond)
+
+        def apply(p: Params, x: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
+            return self.transformer.apply({"params": p}, x, context, pooled, t)
+
+        if self.remat == "full":
+            apply = jax.checkpoint(apply)
+        out = apply(sharding.gather(params["transformer"]), x_t.astype(self.dtype), context, pooled)
+        return out.astype(jnp.float32)
+
+    def image_moments(self, frozen: Params, images: jax.Array) -> jax.Array:
+        """The VAE encoder's mean and std stacked on channels, NCHW [B, 2C, h, w] (unscaled)."""
+        from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
+
+        def encode(m, x):
+            h = m.encoder(x, deterministic=True)
+            return FlaxDiagonalGaussianDistribution(m.quant_conv(h) if self.quant["quant_conv"] else h)
+
+        x = images.astype(self.dtype) / 127.5 - 1.0  # NHWC, as the Flax encoder takes it
+        dist = self.vae.apply({"params": frozen["vae"]}, x, method=encode)
+        return jnp.transpose(jnp.concatenate([dist.mean, dist.std], axis=-1).astype(jnp.float32), (0, 3, 1, 2))
+
+    def draw_x0(self, moments: jax.Array, key: jax.Array) -> jax.Array:
+        mean, std = jnp.split(moments, 2, axis=1)
+        return (mean + std * jax.random.normal(key, mean.shape) - self.shift) * self.scale
+
+    def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
+        """The VAE's mean, shifted and scaled."""
+        mean = jnp.split(self.image_moments(frozen, images), 2, axis=1)[0]
+        return (mean - self.shift) * self.scale
+
+    def x0_to_images(self, frozen: Params, x0: jax.Array) -> jax.Array:
+        def decode(m, z):
+            return m.decoder(m.post_quant_conv(z) if self.quant["post_quant_conv"] else z, deterministic=True)
+
+        z = jnp.transpose(x0 / self.scale + self.shift, (0, 2, 3, 1)).astype(self.dtype)
+        x = self.vae.apply({"params": frozen["vae"]}, z, method=decode).astype(jnp.float32)
+        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    def save(self, path: str, trainable: Params) -> None:
+        """A folder StableDiffusion3Pipeline loads: the transformer in diffusers' PyTorch
+        layout, every other part copied from the source as it is there (they are frozen)."""
+        folder = os.path.join(path, "transformer")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**self.config.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION}, f, indent=2)
+        tensors = mmdit_convert.to_diffusers(jax.device_get(trainable["transformer"]), self.config)
+        convert.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), tensors,
+                                  metadata={"format": "pt"})
+        for sub in (*CLIPS, T5, *TOKENIZERS, "vae"):
+            shutil.copytree(os.path.join(self.path, sub), os.path.join(path, sub), dirs_exist_ok=True)
+        scheduler = os.path.join(self.path, "scheduler", "scheduler_config.json")
+        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+        with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(_read_json(scheduler) if os.path.isfile(scheduler) else scheduler_config(), f, indent=2)
+
+    def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:
+        """StableDiffusion3Pipeline (it has no force_zeros setting: pass zero negative
+        embeddings for zeros nulls, see jaxcond.json)."""
+        return model_index()
+
+    def encoding_key(self) -> dict:
+        key = {"clip_skip": self.clip_skip, "t5_max_length": self.t5_max_length, "dtype": jnp.dtype(self.dtype).name,
+               "text_encoders": [*CLIPS, T5]}
+        if self.frozen_dtype != "float32":
+            key["frozen_dtype"] = self.frozen_dtype
+        return key
+
+    def export_manifest(self) -> dict:
+        """What StableDiffusion3Pipeline must be called with to encode captions as training did."""
+        return {"clip_skip": self.clip_skip, "t5_max_length": self.t5_max_length,
+                "pipeline_kwargs": {"max_sequence_length": self.t5_max_length,
+                                    "clip_skip": None if self.clip_skip == 1 else self.clip_skip - 1}}
+
+
+FAMILY = SD3
