@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from jaxcond import config as config_lib, dropout, hardware, outputs, program, sharding, train_step as ts
+from jaxcond.data import buckets
 from jaxcond.rundir import load_family
 
 GiB = hardware.GiB
@@ -67,8 +68,11 @@ def _devices(topology: str | None) -> tuple[list, hardware.Chip | None, str]:
     return devices, hardware.local_chip(devices[0]), f"{len(devices)} x {devices[0].device_kind}"
 
 
-def _largest_image(d: ml_collections.ConfigDict) -> tuple[int, int]:
-    """The biggest images the data yields: the step's memory is planned for them."""
+def _largest_image(d: ml_collections.ConfigDict, size_multiple: int) -> tuple[int, int]:
+    """The biggest images the data yields: the step's memory is planned for them ("auto"
+    buckets: the biggest they could be, not knowing the data)."""
+    if d.source != "demo" and d.buckets == "auto":
+        return max(buckets.candidates(buckets.auto_spec(d, size_multiple)), key=lambda b: (b[0] * b[1], b))
     if d.source != "demo" and d.buckets:
         return tuple(max((tuple(b) for b in d.buckets), key=lambda b: b[0] * b[1]))
     return d.resolution, d.resolution
@@ -91,7 +95,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str | None = None, progress: 
     state = ts.abstract_state(family, spec, tx, cfg.train.param_dtype,
                               lambda shapes: sharding.param_shardings(mesh, shapes, min_size))
     frozen = program.with_shardings(family.frozen, sharding.param_shardings(mesh, family.frozen, min_size))
-    h, w = _largest_image(cfg.data)
+    h, w = _largest_image(cfg.data, family.size_multiple)
     batch = program.with_shardings(
         program.batch_shapes(family, {**family.frozen, **family.trainable}, cfg.train.global_batch, h, w,
                              cached=bool(cfg.data.cache)), sharding.batch_sharding(mesh))
