@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxcond import dropout
+from conftest import tiny_config
+from jaxcond import dropout, export as export_lib, rundir, train as train_lib
 from jaxcond.checks import ConfigError
 from jaxcond.config import from_file
 from jaxcond.models import registry, sd3, sd3_tiny
@@ -180,6 +181,32 @@ def test_exported_folder_loads_in_the_pipeline_and_reproduces_denoise(family, pi
     for a, b in zip(pipeline_embeds(exported), pipeline_embeds(pipe)):  # encoders and tokenizers as they were
         np.testing.assert_array_equal(a, b)
     assert family.export_manifest()["pipeline_kwargs"] == {"max_sequence_length": T5_LENGTH, "clip_skip": None}
+
+
+def test_trains_with_flow_and_per_encoder_dropout_then_exports_for_the_pipeline(folder, family, encoded, tmp_path):
+    """configs/sd35_medium.py's dropout and objective on the tiny model: two steps of
+    `jaxcond train`, `jaxcond export`, and the pipeline's transformer is the trained one."""
+    cfg = tiny_config()
+    sd35 = from_file(os.path.join(ROOT, "configs", "sd35_medium.py"))
+    cfg.model = sd35.model
+    cfg.model.source, cfg.model.t5_max_length = folder, T5_LENGTH
+    cfg.model.remat, cfg.model.frozen_dtype = "none", "float32"  # the parity below is float32's
+    cfg.dropout, cfg.diffusion = sd35.dropout, sd35.diffusion
+    cfg.sample.scheduler = "euler"
+    cfg.train.steps, cfg.train.global_batch, cfg.optim.ema_decay = 2, 8, 0.0
+    run, out = str(tmp_path / "run"), str(tmp_path / "export")
+    history = train_lib.train(cfg, run, progress=False)["history"]
+    assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
+    manifest = export_lib.export(run, out, weights="raw")
+    assert manifest["nulls"] == {c: "zeros" for c in sd3.CONDITIONERS}
+    assert manifest["pipeline_kwargs"]["max_sequence_length"] == T5_LENGTH
+    exported = diffusers.StableDiffusion3Pipeline.from_pretrained(out)
+    assert exported.scheduler.config.shift == cfg.diffusion.flow_shift
+    cond, (context, pooled) = encoded
+    x, t = latents_and_timesteps(family, seed=3)
+    trained = rundir.load_trained(run).params("raw")["model"]
+    got = jax.jit(family.denoise)({**family.frozen, **trained}, jnp.asarray(x), jnp.asarray(t), cond)
+    assert_close(got, transformer_output(exported.transformer, x, t, context, pooled))
 
 
 def _count(tree) -> int:

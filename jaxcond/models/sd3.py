@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcond import sharding
+from jaxcond import flow, sharding
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
 from jaxcond.models import convert, load, mmdit_convert
 from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
@@ -46,7 +46,6 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 PARTS = ("transformer", *CLIPS, T5, *TOKENIZERS, "vae")
 CONDITIONERS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
 MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses a longer max_sequence_length
-DEFAULT_SHIFT = 3.0  # SD3's scheduler shift, when the source has no scheduler config
 # The config files (no weights, no tokenizer vocabularies) of these hub models ship with
 # jaxcond, so their parameter shapes are known offline (`jaxcond plan`).
 SHIPPED = {"stabilityai/stable-diffusion-3.5-medium": "sd35_medium",
@@ -103,9 +102,10 @@ def model_index() -> dict:
             "image_encoder": [None, None], "feature_extractor": [None, None]}
 
 
-def scheduler_config(shift: float = DEFAULT_SHIFT) -> dict:
+def scheduler_config(shift: float = flow.DEFAULT_SHIFT) -> dict:
+    """SD3's scheduler, for a source without one (`jaxcond export` writes the run's own)."""
     return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-            "num_train_timesteps": 1000, "shift": shift}
+            "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS, "shift": shift}
 
 
 def _read_json(path: str) -> dict:
