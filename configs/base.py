@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.auto_buckets.max_side = 0  # Longest side in pixels; 0 = 2 * resolution (kohya's 1024 at 512).
     c.data.auto_buckets.step = 0  # Sides are multiples of this (of the model's size multiple); 0 = that multiple.
     c.data.auto_buckets.max_buckets = 8  # At most this many buckets (each compiles once); >= 1.
+    # Validation records (`eval.*`), never trained on: a fraction held out by (seed, record id),
+    # the same on any host, or all records of a second path of the same source kind; 0 / "" = none.
+    c.data.validation_fraction = 0.0
+    c.data.validation_path = ""
     c.data.crop = "center"  # center | random (offsets from seed, epoch and record).
     c.data.flip = False  # Random horizontal flips (same determinism as the crop): True | False.
     c.data.caption_extension = ".txt"  # folder: captions in <image stem><this>, e.g. .caption (kohya).
@@ -222,4 +226,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.scheduler = "ddim"  # ddim | euler | euler_a (ancestral) | dpm++ (2M); see jaxcond/sampling.py.
     c.sample.use_ema = True  # Sample with the EMA params: True | False.
     c.sample.seed = 1234  # Sampling noise seed (independent of training).
+
+    # --- Validation losses (on data.validation_fraction / validation_path; jaxcond/validation.py) --
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # Steps between validation losses (also at the end); 0 = never in training.
+    c.eval.bands = 4  # Fixed timesteps per example: the midpoints of this many equal bands.
+    c.eval.max_examples = 256  # The first this many validation records (by record id).
+    c.eval.batch = 16  # Examples per forward pass (rounded up to a multiple of the device count).
     return c

@@ -12,7 +12,7 @@ import ml_collections
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "plan", "masks", "cache", "shards", "export", "sample", "verify")
+COMMANDS = ("train", "plan", "masks", "cache", "shards", "export", "sample", "verify", "eval")
 USAGE = """usage: jaxcond COMMAND --config configs/FILE.py [--config.section.field=value ...]
 
 commands:
@@ -27,6 +27,7 @@ commands:
           or gs://BUCKET/path)
   sample  a PNG grid of --prompt x --guidance from run --workdir (or --run)
   verify  check run --run's logged masks against its config and that its checkpoint restores
+  eval    validation losses and caption gap of run --run's checkpoint, on its held-out records
 
 examples:
   jaxcond train --config configs/demo.py --workdir runs/demo
@@ -40,6 +41,7 @@ examples:
   jaxcond sample --config configs/sd15.py --config.model.lora.rank=16 \
       --config.model.lora.init_from=lora.safetensors --prompt "..." --out grid.png   (a LoRA file, no run)
   jaxcond verify --run runs/demo
+  jaxcond eval --run runs/demo [--step N] [--weights ema|raw] [--validation_path DATA]
 """
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (Python, get_config()).",
@@ -73,6 +75,8 @@ _LORA_FORMAT = flags.DEFINE_enum("lora_format", "diffusers", ["diffusers", "kohy
                                  "export --lora: diffusers (load_lora_weights) or kohya (ComfyUI, AUTOMATIC1111).")
 _MERGE = flags.DEFINE_bool("merge", False, "export: a LoRA run's base model with its adapters merged in.")
 _LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "sample: strength of a LoRA run's adapters (0: the base).")
+_VALIDATION_PATH = flags.DEFINE_string("validation_path", None,
+                                       "eval: validation data for a run trained without a split (same source kind).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "shards: number of shard files.", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -209,10 +213,23 @@ def _verify() -> None:
     print(f"verify: {_WORKDIR.value} is consistent")
 
 
+def _eval() -> None:
+    from jaxcond.eval_run import eval_run
+
+    if not _WORKDIR.value:
+        raise app.UsageError("eval needs --run DIR (a run directory)")
+    weights = _WEIGHTS.value if flags.FLAGS["weights"].present else None  # default: the EMA if the run has one
+    from jaxcond import xla
+
+    xla.cpu_runtime()
+    scores = eval_run(_WORKDIR.value, _STEP.value, weights, _MODEL_SOURCE.value, _VALIDATION_PATH.value)
+    print(json.dumps(scores))
+
+
 def _main(argv: list[str], command: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None and command not in ("export", "sample", "verify"):  # these read the run's config
+    if _CONFIG.value is None and command not in ("export", "sample", "verify", "eval"):  # these read the run's config
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     # Orbax and absl log every checkpoint step at INFO; users need only jaxcond's own lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -236,7 +253,7 @@ def _main(argv: list[str], command: str) -> None:
         sys.exit(f"jaxcond {command}: {e}")
     try:
         {"train": _train, "plan": _plan, "masks": _masks, "cache": _cache, "shards": _shards, "export": _export,
-         "sample": _sample, "verify": _verify}[command]()
+         "sample": _sample, "verify": _verify, "eval": _eval}[command]()
     except (ConfigError, DataError, FileNotFoundError, NotImplementedError, WeightsMismatch,
             CheckpointError, NonFiniteError, StorageError) as e:
         # Bad configs, model folders, weights and storage faults are the user's to fix: the message,

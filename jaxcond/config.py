@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from jaxcond import checkpoint, diffusion, dropout, sampling, sharding, train_step, wandb_log
+from jaxcond import checkpoint, diffusion, dropout, sampling, sharding, train_step, validation, wandb_log
 from jaxcond.checks import ConfigError
 from jaxcond.data import sources
 from jaxcond.models import registry
@@ -61,6 +61,8 @@ def _validate(cfg: ml_collections.ConfigDict, num_devices: int | None, reads_dat
     if multiple is not None:  # checked again once loaded
         sources.check_image_sizes(cfg.data, multiple)
     sampling.validate(cfg.sample, cfg.diffusion.get("objective", "ddpm"))
+    if "eval" in cfg:  # configs saved before validation losses existed have none
+        validation.validate(cfg.eval)
     if "logging" in cfg:  # configs saved before the section existed log to TensorBoard only
         wandb_log.validate(cfg.logging)
 
@@ -76,6 +78,7 @@ _ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dty
           "model.frozen_dtype": "float32", "diffusion.objective": "ddpm", "diffusion.flow_shift": 3.0,
           "diffusion.flow_timestep_sampling": "logit_normal", "diffusion.flow_logit_mean": 0.0,
           "diffusion.flow_logit_std": 1.0, "diffusion.flow_mode_scale": 1.29, "diffusion.flow_weighting": "none",
+          "data.validation_fraction": 0.0, "data.validation_path": "",
           "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""},
           "data.auto_buckets": {"area": 0, "min_side": 0, "max_side": 0, "step": 0, "max_buckets": 8}}
 

@@ -233,10 +233,7 @@ def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
     replicated onto it.
     """
     mesh = local_mesh() if mesh is None else mesh
-    devices = set(mesh.devices.flat)
-    params, frozen = jax.tree.map(
-        lambda x: x if isinstance(x, jax.Array) and x.sharding.device_set == devices
-        else jax.device_put(x, sharding.replicated(mesh)), (params, frozen))
+    params, frozen = sharding.on_mesh((params, frozen), mesh)
     # Host (numpy) inputs: in a multi-process run jit treats them as replicated values,
     # where a device array made here would live on this process's devices only.
     negative_tokens = None if negative is None else np.asarray(family.tokenize(negative))

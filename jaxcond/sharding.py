@@ -143,6 +143,14 @@ def param_shardings(mesh: Mesh, tree: Any, min_size: int) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree)
 
 
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with arrays already on `mesh`'s devices as they are (a training run's fsdp
+    split) and everything else replicated onto it."""
+    devices = set(mesh.devices.flat)
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.sharding.device_set == devices
+                        else jax.device_put(x, replicated(mesh)), tree)
+
+
 def local_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
     """Positions of the global batch that land on this process's devices, ascending."""
     slices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()

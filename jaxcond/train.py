@@ -29,7 +29,7 @@ from jaxcond.checks import ConfigError
 from jaxcond.data import pipeline, sources
 from jaxcond.distributed import is_main_process
 from jaxcond.models.family import Family
-from jaxcond import outputs, storage, wandb_log
+from jaxcond import outputs, storage, validation, wandb_log
 from jaxcond.outputs import make_output_dir
 from jaxcond.rundir import load_family
 from jaxcond.runlog import RunLog
@@ -56,6 +56,7 @@ class Run:
     abstract_state: Any  # the train state's shapes, dtypes and shardings (jax.ShapeDtypeStruct)
     step_fn: Any = None  # the jitted train step of `spec`
     compiled: dict = dataclasses.field(default_factory=dict)  # batch shapes -> `step`'s compiled program
+    validation: tuple[pipeline.Data, np.ndarray] | None = None  # (data, record ids) of validation records
 
     @property
     def state_shardings(self) -> Any:
@@ -132,7 +133,13 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, devices: list | None = N
                               lambda shapes: sharding.param_shardings(mesh, shapes, cfg.mesh.fsdp_min_size))
     frozen = jax.device_put(family.frozen,
                             sharding.param_shardings(mesh, family.frozen, cfg.mesh.fsdp_min_size))
-    run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, abstract)
+    # (Held-out records stay out of training whether or not they are evaluated.)
+    held = sources.validation_set(cfg.data, data, family, workers=cfg.loader.workers) if cfg.eval.every else None
+    if held is not None:
+        log.info("validation: %d records (%s), losses every %d steps", len(held[1]),
+                 "data.validation_path" if cfg.data.validation_path else "held out of the training data",
+                 cfg.eval.every)
+    run = Run(cfg, family, spec, tx, lr, mesh, data, frozen, abstract, validation=held)
     run.step_fn = run.jit_step(spec)
     return run
 
@@ -185,6 +192,12 @@ def evaluate(run: Run, state: Any) -> tuple[np.ndarray, dict[str, dict[str, floa
     picture = grid.grid_array(np.concatenate(np.swapaxes(first, 0, 1)), nrow=len(scales),
                               row_labels=captions[::s.per_prompt], col_labels=names)
     return picture, scores, images
+
+
+def validate_run(run: Run, state: Any) -> dict[str, float]:
+    """Validation losses of the current params (the EMA when sampling uses it), on the mesh."""
+    params = state["ema"] if run.cfg.sample.use_ema and "ema" in state else state["params"]
+    return validation.evaluate(run.family, run.spec, run.cfg.eval, params, run.frozen, *run.validation, run.mesh)
 
 
 class NonFiniteError(RuntimeError):
@@ -267,6 +280,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, allow_config_change: 
                     ckpts.save(done, state, cfg, run.data.state(done), force=True)
                 if interrupted:
                     break
+                every = cfg.eval.every if "eval" in cfg else 0
+                if run.validation is not None and every and (done % every == 0 or done == cfg.train.steps):
+                    runlog.validation(done, validate_run(run, state))
                 every = cfg.train.sample_every
                 if done == cfg.train.steps or (every and done % every == 0):
                     picture, scores, samples = evaluate(run, state)

@@ -191,6 +191,21 @@ def _micro(x: jax.Array, a: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1)
 
 
+def example_losses(family: Family, spec: StepSpec, parts: Params, cond: Mapping[str, jax.Array],
+                   x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """Per-example weighted MSE [B] of the denoiser (`parts`: frozen and trainable model
+    params) on `cond`, at timesteps `t` (DDPM's integers, or the flow's sigmas) and `noise`."""
+    if spec.flow is not None:  # t: sigmas; the network is fed sigma * 1000 and predicts the velocity
+        pred = family.denoise(parts, flow.noisy(x0, noise, t), flow.model_timesteps(t), cond)
+        want, w = flow.target(x0, noise), flow.loss_weights(t, spec.flow.weighting)
+    else:
+        acp = jnp.asarray(spec.schedule.alphas_cumprod)
+        pred = family.denoise(parts, diffusion.add_noise(acp, x0, noise, t), t, cond)
+        want = diffusion.target(spec.schedule.prediction_type, acp, x0, noise, t)
+        w = diffusion.min_snr_weight(spec.schedule.prediction_type, acp, t, spec.snr_gamma)
+    return w * jnp.mean(jnp.square(pred - want), axis=tuple(range(1, pred.ndim)))
+
+
 def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
           mb: Mapping[str, Any]) -> jax.Array:
     parts = {**frozen, **params["model"]}  # text encoders may be trainable (then never cached)
@@ -204,17 +219,7 @@ def _loss(family: Family, spec: StepSpec, params: Params, frozen: Params,
         empty = empty_conditioning(family, parts)
         nulls = dropout.null_values(dict(spec.nulls), empty, sharding.gather(params["nulls"]))
         cond = dropout.apply(cond, nulls, mb["masks"], spec.groups)
-    x0, noise, t = mb["x0"], mb["noise"], mb["t"]
-    if spec.flow is not None:  # t: sigmas; the network is fed sigma * 1000 and predicts the velocity
-        pred = family.denoise(parts, flow.noisy(x0, noise, t), flow.model_timesteps(t), cond)
-        want, w = flow.target(x0, noise), flow.loss_weights(t, spec.flow.weighting)
-    else:
-        acp = jnp.asarray(spec.schedule.alphas_cumprod)
-        pred = family.denoise(parts, diffusion.add_noise(acp, x0, noise, t), t, cond)
-        want = diffusion.target(spec.schedule.prediction_type, acp, x0, noise, t)
-        w = diffusion.min_snr_weight(spec.schedule.prediction_type, acp, t, spec.snr_gamma)
-    mse = jnp.mean(jnp.square(pred - want), axis=tuple(range(1, pred.ndim)))
-    return jnp.mean(w * mse)
+    return jnp.mean(example_losses(family, spec, parts, cond, mb["x0"], mb["noise"], mb["t"]))
 
 
 def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,

@@ -93,7 +93,10 @@ def _model_changes(cached: dict, now: dict) -> list[str]:
 
 
 def _source_of(d: ml_collections.ConfigDict) -> dict:
-    return {f: d.to_dict().get(f) for f in _DATA_FIELDS}
+    out = {f: d.to_dict().get(f) for f in _DATA_FIELDS}
+    if d.get("buckets") == "auto":  # what chose the buckets (the manifest's bucket_shapes)
+        out["auto_buckets"] = d.auto_buckets.to_dict()
+    return out
 
 
 def _json_default(x: object) -> object:

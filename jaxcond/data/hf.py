@@ -61,12 +61,16 @@ class HFData(pipeline.FileData):
             if problem is not None:
                 self.report.add(f"skipped: {problem}", name)
                 continue
-            dec = pipeline.decode(name, list(self.bucket_shapes), self.report, too_small=d.too_small, data=data)
-            if dec is not None:
+            size = self.check_image(name, data)
+            if size is not None:
                 kept.append(files.Record(len(kept), name, caption))
-                sizes.append(dec.original_size)
+                sizes.append(size)
                 self.rows.append(row_id)
         return kept, sizes
+
+    def _keep(self, keep: list[int]) -> None:
+        super()._keep(keep)
+        self.rows = [self.rows[i] for i in keep]
 
     def read(self, i: int) -> tuple[files.Record, bytes | None]:
         return self.records[i], _image_bytes(self.dataset[self.rows[i]][self.cfg_data.image_column])[0]

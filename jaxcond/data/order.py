@@ -9,7 +9,8 @@ the global batch is the i-th id returned here: the position the dropout masks us
 With aspect-ratio buckets (`bucketed_batch`) every global batch comes from one bucket:
 epoch e permutes each bucket's records, cuts them into full batches (the remainder of
 each bucket waits for another epoch) and then permutes the batches, all from (seed, e).
-With a single bucket this is exactly `batch_ids`.
+With a single bucket this is exactly `batch_ids`. Records in bucket -1 (held out for
+validation, `jaxcond.data.split`) are in no batch.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def bucketed_epoch(seed: int, epoch: int, global_batch: int,
         return tuple((int(bucket_of[0]), perm[i * global_batch:(i + 1) * global_batch]) for i in range(n))
     rng = np.random.default_rng([seed, epoch])
     batches = []
-    for b in np.unique(bucket_of):
+    for b in np.unique(bucket_of[bucket_of >= 0]):
         members = rng.permutation(np.flatnonzero(bucket_of == b))
         batches += [(int(b), members[i:i + global_batch])
                     for i in range(0, len(members) - global_batch + 1, global_batch)]
@@ -55,7 +56,8 @@ def bucketed_epoch(seed: int, epoch: int, global_batch: int,
 
 
 def bucketed_steps_per_epoch(global_batch: int, buckets: Sequence[int]) -> int:
-    return int(sum(c // global_batch for c in np.bincount(np.asarray(buckets))))
+    b = np.asarray(buckets)
+    return int(sum(c // global_batch for c in np.bincount(b[b >= 0])))
 
 
 def bucketed_batch(seed: int, step: int, global_batch: int,

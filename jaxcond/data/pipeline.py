@@ -32,15 +32,11 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from jaxcond.data import captions as captions_lib, demo as demo_data, demo_score, files, order
+from jaxcond.data import (buckets as buckets_lib, captions as captions_lib, demo as demo_data, demo_score, files,
+                          order, split)
 from jaxcond.models.family import Family
 
 log = logging.getLogger("jaxcond")
-
-
-#: Images whose cover-resize would be over this many times the training size (its aspect
-#: ratio that far from the bucket's) are skipped: the crop would keep under 1/8 of them.
-MAX_OVERHANG = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +48,7 @@ class Decoded:
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
 
 
-def nearest_bucket(shapes: Sequence[tuple[int, int]], height: int, width: int) -> int:
-    """The bucket whose aspect ratio is nearest (in log ratio) the image's."""
-    return int(np.argmin(np.abs(np.log([h / w for h, w in shapes]) - np.log(height / width))))
+nearest_bucket = buckets_lib.nearest
 
 
 def decode(path: str, size: int | tuple[int, int] | list[tuple[int, int]], report: files.Report, *,
@@ -73,17 +67,14 @@ def decode(path: str, size: int | tuple[int, int] | list[tuple[int, int]], repor
     if isinstance(size, list):
         size = size[nearest_bucket(size, h, w)]
     th, tw = (size, size) if isinstance(size, int) else size
+    problem = buckets_lib.fit_problem(h, w, (th, tw), too_small)  # a sliver of a banner would be a huge resize
+    if problem is not None:
+        report.add(problem, path)
+        if problem.startswith("skipped"):
+            return None
     # Scale so the image just covers th x tw, then crop the overhang.
     scale = max(th / h, tw / w)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-    if rw * rh > MAX_OVERHANG * tw * th:  # a banner or a 1-pixel line: the crop would be a sliver of it,
-        report.add(f"skipped: aspect ratio over {MAX_OVERHANG}x off that of {th}x{tw}", path)  # the resize huge
-        return None
-    if h < th or w < tw:
-        if too_small == "skip":
-            report.add(f"skipped: smaller than {th}x{tw}", path)
-            return None
-        report.add(f"upscaled: smaller than {th}x{tw}", path)
     img = img.resize((rw, rh), Image.Resampling.LANCZOS)
     if crop == "random":
         rng = rng if rng is not None else np.random.default_rng(0)
@@ -111,8 +102,18 @@ class Data(abc.ABC):
         self._epochs: dict[int, tuple] = {}  # the last epochs' batch lists (loader threads share it)
 
     @functools.cached_property
+    def held_out(self) -> np.ndarray:
+        """bool [num_records]: the validation records (`data.validation_fraction`), never trained on."""
+        return split.held_out(self.seed, self.num_records, self.cfg_data.get("validation_fraction", 0.0))
+
+    @functools.cached_property
+    def training_buckets(self) -> tuple[int, ...]:
+        """`buckets` with the held-out records in bucket -1, which the order leaves out."""
+        return split.training_buckets(self.buckets, self.held_out) if self.held_out.any() else self.buckets
+
+    @functools.cached_property
     def steps_per_epoch(self) -> int:
-        return order.bucketed_steps_per_epoch(self.global_batch, self.buckets)
+        return order.bucketed_steps_per_epoch(self.global_batch, self.training_buckets)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -138,7 +139,7 @@ class Data(abc.ABC):
         epoch, b = divmod(step, self.steps_per_epoch)
         plan = self._epochs.get(epoch)
         if plan is None:  # two threads may both compute it: same result, no harm
-            plan = order.bucketed_epoch(self.seed, epoch, self.global_batch, self.buckets)
+            plan = order.bucketed_epoch(self.seed, epoch, self.global_batch, self.training_buckets)
             self._epochs[epoch] = plan
             for old in [e for e in list(self._epochs) if e < epoch - 1]:
                 self._epochs.pop(old, None)
@@ -215,23 +216,32 @@ class FileData(Data):
     source_digest: str | None = None
 
     def __init__(self, d: ml_collections.ConfigDict, seed: int, global_batch: int, family: Family | None,
-                 workers: int = 1):
+                 workers: int = 1, size_multiple: int | None = None):
         """`family` None: records and order only (no tokens); `workers` threads check the
-        images at start."""
+        images at start; `size_multiple`: the model's (else the family's), the step of
+        "auto" buckets when data.auto_buckets.step is 0."""
         super().__init__(d, seed, global_batch)
         self.workers = workers
         self.family, self.report = family, files.Report()
-        self.bucket_shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
+        auto = d.buckets == "auto"
+        if auto:  # chosen from the sizes `_load` reads: till then images are checked, not fitted
+            spec = buckets_lib.auto_spec(d, size_multiple or (family.size_multiple if family is not None else None))
+            self.bucket_shapes = ()
+        else:
+            self.bucket_shapes = tuple(tuple(b) for b in d.buckets) or ((d.resolution, d.resolution),)
         self.records, self.sizes = self._load()
+        if auto:
+            self.bucket_shapes = buckets_lib.choose(self.sizes, spec, min_images=global_batch)
+            self._fit_to_buckets()
         if family is not None:
             self._count_overlong()
         self.buckets = tuple(nearest_bucket(self.bucket_shapes, h, w) for h, w in self.sizes)
         self.num_records = len(self.records)
         counts = np.bincount(np.array(self.buckets, int), minlength=len(self.bucket_shapes))
-        log.info("data: %d images from %s\n%s\n  buckets (h x w: images, full batches/epoch): %s",
+        log.info("data: %d images from %s\n%s\n  buckets%s (h x w: images, full batches/epoch): %s",
                  self.num_records, d.path, self.report.table(),
-                 ", ".join(f"{h}x{w}: {c}, {c // self.global_batch}"
-                           for (h, w), c in zip(self.bucket_shapes, counts)))
+                 " (auto, from the images' aspect ratios)" if auto else "",
+                 buckets_lib.describe(self.bucket_shapes, counts, self.global_batch))
         if self.num_records < self.global_batch:
             hint = ""
             if self.report.counts["skipped: no caption"] and d.source == "folder":
@@ -254,17 +264,40 @@ class FileData(Data):
         else:
             records = files.scan_metadata(d.path, self.report, **policy)
 
-        def check(r: files.Record) -> Decoded | None:
-            return decode(r.path, list(self.bucket_shapes), self.report, too_small=d.too_small)
-
         kept, sizes = [], []
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            for r, dec in tqdm.tqdm(zip(records, pool.map(check, records)), total=len(records),
-                                    desc="checking images", unit="img", disable=len(records) < 1000):
-                if dec is not None:
+            for r, size in tqdm.tqdm(zip(records, pool.map(lambda r: self.check_image(r.path), records)),
+                                     total=len(records), desc="checking images", unit="img",
+                                     disable=len(records) < 1000):
+                if size is not None:
                     kept.append(files.Record(len(kept), r.path, r.caption))
-                    sizes.append(dec.original_size)
+                    sizes.append(size)
         return kept, sizes
+
+    def check_image(self, name: str, data: bytes | None = None) -> tuple[int, int] | None:
+        """(height, width) of the usable image `name` (or its bytes `data`), or None (counted
+        in the report): readable and, unless the buckets are not chosen yet ("auto"),
+        fitting its bucket."""
+        if self.bucket_shapes:
+            dec = decode(name, list(self.bucket_shapes), self.report, too_small=self.cfg_data.too_small, data=data)
+            return None if dec is None else dec.original_size
+        img = files.load_image(name, self.report, data=data)
+        return None if img is None else (img.size[1], img.size[0])
+
+    def _fit_to_buckets(self) -> None:
+        """Drops (and counts) the images not fitting their chosen bucket, as `decode` would."""
+        problems = buckets_lib.fit_problems(self.sizes, self.bucket_shapes, self.cfg_data.too_small)
+        for r, problem in zip(self.records, problems):
+            if problem is not None:
+                self.report.add(problem, r.path)
+        keep = [i for i, problem in enumerate(problems) if not (problem or "").startswith("skipped")]
+        if len(keep) < len(self.sizes):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only the records at positions `keep`, renumbered."""
+        self.records = [files.Record(j, self.records[i].path, self.records[i].caption) for j, i in enumerate(keep)]
+        self.sizes = [self.sizes[i] for i in keep]
 
     def _count_overlong(self) -> None:
         """Counts the captions the text encoder cuts: kept (their start still teaches), but
@@ -281,6 +314,8 @@ class FileData(Data):
                 bar.update(len(part))
 
     def _identity(self) -> Iterator[str]:
+        if self.cfg_data.buckets == "auto":  # chosen from the data: a resume must choose the same
+            yield json.dumps(self.bucket_shapes)
         if self.source_digest:
             yield self.source_digest
         for r in self.records:  # several captions as a JSON list: apart from any one string

@@ -84,7 +84,12 @@ class ShardData(pipeline.FileData):
             self.report.counts[what] = n
             self.report.examples.setdefault(what, [])
         records = [files.Record(i, f"{d.path}#{i}", "") for i in range(len(self.source))]
+        self.rows = list(range(len(records)))  # record id -> shard record ("auto" buckets may drop some)
         return records, [tuple(s) for s in index["sizes"]]
+
+    def _keep(self, keep: list[int]) -> None:
+        super()._keep(keep)
+        self.rows = [self.rows[i] for i in keep]
 
     def _count_overlong(self) -> None:
         """Not done: the captions live in the shards beside their images, so counting them
@@ -92,7 +97,7 @@ class ShardData(pipeline.FileData):
         metadata or hf) reports the count; the shards hold the same captions."""
 
     def read(self, i: int) -> tuple[files.Record, bytes]:
-        header, image = self.source[i].split(b"\n", 1)
+        header, image = self.source[self.rows[i]].split(b"\n", 1)
         meta = json.loads(header)
         caption = meta["caption"] if isinstance(meta["caption"], str) else tuple(meta["caption"])
         return files.Record(i, meta["name"], caption), image
