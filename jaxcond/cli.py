@@ -38,6 +38,7 @@ examples:
       [--model_source DIR] [--lora [--lora_format diffusers|kohya] | --merge]   (the last two: LoRA runs)
   jaxcond sample --run runs/demo --prompt "a red circle on a blue background" --guidance 1,3,7 \\
       --steps 50 --seed 0 [--scheduler ddim|euler|euler_a|dpm++] [--negative_prompt TEXT] [--out grid.png]
+      [--without GROUP,...]   (groups replaced by their nulls, e.g. --without t5 for SD3 without T5)
   jaxcond sample --config configs/sd15.py --config.model.lora.rank=16 \
       --config.model.lora.init_from=lora.safetensors --prompt "..." --out grid.png   (a LoRA file, no run)
   jaxcond verify --run runs/demo
@@ -68,6 +69,8 @@ _GUIDANCE = flags.DEFINE_list("guidance", ["1", "3", "7"], "sample: classifier-f
 _SEED = flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 _SCHEDULER = flags.DEFINE_string("scheduler", None, "sample: ddim | euler | euler_a | dpm++ (default: the "
                                  "config's sample.scheduler; a flow-matching model: euler only).")
+_WITHOUT = flags.DEFINE_list("without", [], "sample: dropout groups replaced by their nulls in both branches, "
+                             "e.g. --without t5 (SD3 sampled without T5, as training dropped it).")
 _SINGLE = flags.DEFINE_bool("single_file", False,
                             "export: also one .safetensors in the original SD layout (latent models).")
 _LORA = flags.DEFINE_bool("lora", False, "export: a LoRA run's adapters alone, as one .safetensors.")
@@ -196,7 +199,8 @@ def _sample() -> None:
     path = sample(_WORKDIR.value, _PROMPT.value, guidance, steps=steps, seed=_SEED.value,
                     scheduler=_SCHEDULER.value, negative=_NEGATIVE.value, weights=_WEIGHTS.value,
                     step=_STEP.value, out=_OUT.value, model_source=_MODEL_SOURCE.value,
-                    lora_scale=_LORA_SCALE.value, cfg=None if _WORKDIR.value else _CONFIG.value)
+                    lora_scale=_LORA_SCALE.value, cfg=None if _WORKDIR.value else _CONFIG.value,
+                    without=_WITHOUT.value)
     print(f"samples: {path}")
 
 

@@ -18,17 +18,19 @@ from jaxcond import grid, rundir, storage
 from jaxcond.checks import ConfigError
 from jaxcond.models import lora
 from jaxcond.outputs import make_output_dir
-from jaxcond.sampling import SCHEDULERS, sample_grid, warn_overlong
+from jaxcond.sampling import SCHEDULERS, check_drop, sample_grid, warn_overlong
 
 
 def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float], *, steps: int = 50,
              seed: int = 0, scheduler: str | None = None, negative: str | None = None, weights: str = "ema",
              step: int | None = None, out: str | None = None, model_source: str | None = None,
-             lora_scale: float = 1.0, cfg: ml_collections.ConfigDict | None = None) -> str:
+             lora_scale: float = 1.0, cfg: ml_collections.ConfigDict | None = None,
+             without: Sequence[str] = ()) -> str:
     """Writes the grid of `prompts` (rows) x `guidance` (columns) from run `workdir`, or
     without a run from `cfg`'s model as it starts (e.g. a base model with a LoRA file,
     `model.lora.init_from`); returns its path. `lora_scale` scales LoRA adapters (0: the
-    base model). `scheduler`: the config's `sample.scheduler` unless given."""
+    base model). `scheduler`: the config's `sample.scheduler` unless given. `without`: dropout
+    groups replaced by their nulls in both branches (e.g. SD3's "t5": sampling without T5)."""
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt")
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -45,6 +47,10 @@ def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float
     scheduler = scheduler or t.cfg.sample.scheduler
     if t.spec.flow is not None and scheduler != "euler":
         raise ConfigError(f"--scheduler {scheduler}: a flow-matching model samples with euler; drop the flag")
+    try:
+        check_drop(t.spec, without)
+    except ValueError as e:
+        raise ConfigError(f"--without {','.join(without)}: {e}") from None
     warn_overlong(t.family, prompts, "--prompt")
     if negative is not None:
         warn_overlong(t.family, [negative], "--negative_prompt")
@@ -56,7 +62,8 @@ def sample(workdir: str | None, prompts: Sequence[str], guidance: Sequence[float
             raise ConfigError(f"--lora_scale {lora_scale}: this model has no LoRA adapters (config.model.lora)")
         params = {**params, "model": lora.scaled(params["model"], lora_scale)}
     images = sample_grid(t.family, t.spec, params, t.family.frozen, list(prompts), list(guidance),
-                         seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts))
+                         seed, steps, scheduler, negative=None if negative is None else [negative] * len(prompts),
+                         drop=tuple(without))
     grid.save_grid(np.concatenate(np.swapaxes(images, 0, 1)), out, nrow=len(guidance),
                    row_labels=list(prompts), col_labels=[f"guidance {g:g}" for g in guidance])
     return out

@@ -63,15 +63,30 @@ def validate(s: ml_collections.ConfigDict, objective: str = "ddpm") -> None:
           "a flow-matching model (diffusion.objective 'flow') samples with 'euler' (SD3's flow-matching Euler)")
 
 
+def with_nulls(family: Family, spec: StepSpec, params: Params, frozen: Params, cond: dict[str, jax.Array],
+               names: Sequence[str]) -> dict[str, jax.Array]:
+    """`cond` as a training example saw it with the dropout groups `names` dropped."""
+    empty = empty_conditioning(family, {**frozen, **params["model"]})
+    nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
+    b = next(iter(cond.values())).shape[0]
+    groups = [g for g in spec.groups if g.name in names]
+    return dropout.apply(cond, nulls, {g.name: jnp.ones((b,), bool) for g in groups}, groups)
+
+
 def unconditional(family: Family, spec: StepSpec, params: Params, frozen: Params,
                   cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """`cond` as a training example saw it with every group that training drops dropped
     (`dropout.Group.drops`); a group at rate 0 keeps its real values."""
-    empty = empty_conditioning(family, {**frozen, **params["model"]})
-    nulls = dropout.null_values(dict(spec.nulls), empty, params["nulls"])
-    b = next(iter(cond.values())).shape[0]
-    groups = [g for g in spec.groups if g.drops]
-    return dropout.apply(cond, nulls, {g.name: jnp.ones((b,), bool) for g in groups}, groups)
+    return with_nulls(family, spec, params, frozen, cond, [g.name for g in spec.groups if g.drops])
+
+
+def check_drop(spec: StepSpec, drop: Sequence[str]) -> None:
+    """A ValueError naming the groups of `drop` that the run does not have or never dropped."""
+    known = {g.name: g for g in spec.groups}
+    bad = [n for n in drop if n not in known or not known[n].drops]
+    if bad:
+        raise ValueError(f"cannot sample without dropout group(s) {bad}: the run's groups that trained with their "
+                         f"nulls are {[g.name for g in spec.groups if g.drops]}")
 
 
 def trailing_timesteps(num_train: int, steps: int) -> jnp.ndarray:
@@ -117,11 +132,11 @@ def _pair(cond: jax.Array, uncond: jax.Array) -> jax.Array:
     return jnp.stack([cond, uncond], axis=1).reshape((-1,) + cond.shape[1:])
 
 
-@functools.partial(xla.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0", "mesh"))
+@functools.partial(xla.jit, static_argnames=("family", "spec", "steps", "scheduler", "clip_x0", "mesh", "drop"))
 def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, tokens: jax.Array,
            guidance: jax.Array, seed: jax.Array, steps: int = 50, scheduler: str = "ddim",
            clip_x0: bool = True, negative_tokens: jax.Array | None = None,
-           mesh: Mesh | None = None) -> jax.Array:
+           mesh: Mesh | None = None, drop: tuple[str, ...] = ()) -> jax.Array:
     """Samples as uint8 images, one per row of `tokens`, per guidance scale.
 
     `guidance` is a float array [G]; returns [G, N, H, W, 3]. Scale 1 is the plain
@@ -129,7 +144,9 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
     (and, for euler_a, gets the same per-step noise) from `seed`, so columns of a grid
     differ only by guidance. `negative_tokens` (rows like `tokens`) replace the nulls.
     With `mesh`, the N samples are split over its devices and the result is replicated;
-    without, placement is left to jit.
+    without, placement is left to jit. `drop` names dropout groups replaced by their nulls
+    in both branches: sampling without those conditioners (e.g. SD3 without T5), as
+    training taught the model when it dropped them.
     """
     if scheduler not in SCHEDULERS or (spec.flow is not None and scheduler != "euler"):
         raise ValueError(f"scheduler {scheduler!r}: use one of {('euler',) if spec.flow else SCHEDULERS}")
@@ -147,9 +164,12 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
 
     acp = jnp.asarray(spec.schedule.alphas_cumprod)
     parts = {**frozen, **params["model"]}
+    check_drop(spec, drop)
     cond = _conditioning(family, parts, split(tokens))
     uncond = (unconditional(family, spec, params, frozen, cond) if negative_tokens is None
               else _conditioning(family, parts, split(negative_tokens)))
+    if drop:
+        cond, uncond = (with_nulls(family, spec, params, frozen, c, drop) for c in (cond, uncond))
     both = jax.tree.map(_pair, cond, uncond)
     if spec.flow is not None:  # (sigma, next sigma) pairs; the network is fed sigma * 1000
         sigmas = jnp.asarray(flow.schedule(steps, spec.flow.shift)[0])
@@ -225,7 +245,7 @@ def local_mesh() -> Mesh:
 def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
                 captions: Sequence[str], guidance: Sequence[float], seed: int, steps: int,
                 scheduler: str = "ddim", negative: Sequence[str] | None = None, *,
-                mesh: Mesh | None = None) -> np.ndarray:
+                mesh: Mesh | None = None, drop: Sequence[str] = ()) -> np.ndarray:
     """[len(guidance), len(captions), H, W, 3] uint8 samples, the same on every process.
 
     The samples are split over `mesh` (default `local_mesh()`). Weights already on the
@@ -241,5 +261,5 @@ def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
         out = sample(family, spec, params, frozen, np.asarray(family.tokenize(captions)),
                      np.asarray(guidance, np.float32), np.int32(seed), steps=steps, scheduler=scheduler,
                      # Pixels live in [-1, 1]; VAE latents have no such bound.
-                     clip_x0=not family.latent, negative_tokens=negative_tokens, mesh=mesh)
+                     clip_x0=not family.latent, negative_tokens=negative_tokens, mesh=mesh, drop=tuple(drop))
     return np.asarray(out)  # replicated: every process holds all of it

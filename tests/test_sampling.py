@@ -260,3 +260,22 @@ def test_sample_command_writes_a_labelled_grid(reference_run, tmp_path):
                                  ("--out", str(out / "x.png"), f"--out's folder '{out}' is a file, not a folder")):
         bad = subprocess.run(cmd[:6] + ["--prompt", "x", flag, value], cwd=ROOT, capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+
+
+def test_sampling_without_a_group_feeds_its_null_to_both_branches():
+    """Without the only group, every guidance scale samples what the unconditional branch
+    alone does; a group the run lacks (or never dropped) is refused by name."""
+    fam = Toy()
+    spec = dataclasses.replace(SPEC, groups=(dropout.Group("caption", ("text",), 0.1), dropout.Group("never", (), 0.0)),
+                               nulls=(("text", "zeros"),))
+    params, tokens = {"model": fam.trainable, "nulls": {}}, fam.tokenize(["ab", "abcd"])
+
+    def run(g, drop=()):
+        return np.asarray(sampling.sample(fam, spec, params, {}, tokens, jnp.array([g]), jnp.int32(3), steps=4,
+                                          scheduler="ddim", clip_x0=False, drop=drop))
+
+    np.testing.assert_array_equal(run(3.0, ("caption",)), run(0.0))
+    assert not np.array_equal(run(3.0), run(0.0))
+    for bad in (("t5",), ("never",)):
+        with pytest.raises(ValueError, match="cannot sample without"):
+            run(1.0, bad)
