@@ -174,7 +174,8 @@ def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights:
         "force_zeros_for_empty_prompt": bool(text_nulls) and all(k == "zeros" for k in text_nulls),
         **t.family.export_manifest(),
         "single_file": None if lora else name,
-        "prediction_type": t.cfg.diffusion.prediction_type,
+        # What the network predicts: a flow model its velocity (noise - x0).
+        "prediction_type": "flow" if t.spec.flow is not None else t.cfg.diffusion.prediction_type,
     }
     if lora:
         m = t.cfg.model

@@ -175,6 +175,7 @@ def test_a_flow_run_trains_samples_and_exports_a_flow_scheduler(tmp_path):
     export.export(str(tmp_path / "run"), str(tmp_path / "out"))
     sched = json.load(open(tmp_path / "out" / "scheduler" / "scheduler_config.json"))
     assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["shift"] == 3.0
+    assert json.load(open(tmp_path / "out" / "jaxcond.json"))["prediction_type"] == "flow"
 
 
 @pytest.mark.parametrize("field,value,words", [
