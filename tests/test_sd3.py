@@ -183,10 +183,8 @@ def test_exported_folder_loads_in_the_pipeline_and_reproduces_denoise(family, pi
     assert family.export_manifest()["pipeline_kwargs"] == {"max_sequence_length": T5_LENGTH, "clip_skip": None}
 
 
-def test_trains_with_flow_and_per_encoder_dropout_then_exports_for_the_pipeline(folder, family, encoded, tmp_path):
-    """configs/sd35_medium.py's dropout and objective on the tiny model: two steps of
-    `jaxcond train`, `jaxcond export`, and the pipeline's transformer is the trained one."""
-    cfg = tiny_config()
+def _sd35(cfg: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
+    """`cfg` with configs/sd35_medium.py's model settings, dropout and objective on the tiny model."""
     sd35 = from_file(os.path.join(ROOT, "configs", "sd35_medium.py"))
     cfg.model = sd35.model
     cfg.model.source, cfg.model.t5_max_length = folder, T5_LENGTH
@@ -194,6 +192,13 @@ def test_trains_with_flow_and_per_encoder_dropout_then_exports_for_the_pipeline(
     cfg.dropout, cfg.diffusion = sd35.dropout, sd35.diffusion
     cfg.sample.scheduler = "euler"
     cfg.train.steps, cfg.train.global_batch, cfg.optim.ema_decay = 2, 8, 0.0
+    return cfg
+
+
+def test_trains_with_flow_and_per_encoder_dropout_then_exports_for_the_pipeline(folder, family, encoded, tmp_path):
+    """configs/sd35_medium.py's dropout and objective on the tiny model: two steps of
+    `jaxcond train`, `jaxcond export`, and the pipeline's transformer is the trained one."""
+    cfg = _sd35(tiny_config(), folder)
     run, out = str(tmp_path / "run"), str(tmp_path / "export")
     history = train_lib.train(cfg, run, progress=False)["history"]
     assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
@@ -281,3 +286,21 @@ def test_bad_folders_are_one_line_config_errors(folder, tmp_path):
     assert "do not make the transformer's pooled_projection_dim 40" in str(e.value)
     with pytest.raises(ConfigError, match=r"config.model.clip_skip = 2: the CLIP encoders have 2 layers"):
         sd3.SD3(folder, clip_skip=2)
+
+
+def test_the_three_encoders_cached_train_as_from_files(folder, family, image_folder, tmp_path):
+    """`jaxcond cache` stores all five conditioners (and the VAE's moments); training from
+    it draws the same masks and gives the same losses as encoding in the step."""
+    from conftest import build_cache, file_config
+
+    cfg = _sd35(file_config(tiny_config(), image_folder), folder)
+    cfg.data.crop, cfg.data.flip, cfg.data.cache = "center", False, str(tmp_path / "cache")
+    manifest = build_cache(cfg, family, cfg.data.cache)
+    assert set(manifest["fields"]) == {"moments", "time_ids", *(f"cond.{c}" for c in sd3.CONDITIONERS)}
+    plain = ml_collections.ConfigDict(cfg.to_dict())
+    plain.data.cache = ""
+    runs = {name: train_lib.train(c, str(tmp_path / name), progress=False)["history"]
+            for name, c in (("files", plain), ("cache", cfg))}
+    np.testing.assert_allclose([h["loss"] for h in runs["cache"]], [h["loss"] for h in runs["files"]], rtol=1e-5)
+    masks = [open(tmp_path / name / "masks.jsonl").read() for name in ("files", "cache")]
+    assert masks[0] == masks[1] and all(f'"{g}"' in masks[0] for g in ("clip_l", "clip_g", "t5"))
