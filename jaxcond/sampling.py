@@ -244,14 +244,15 @@ def local_mesh() -> Mesh:
 
 def sample_grid(family: Family, spec: StepSpec, params: Params, frozen: Params,
                 captions: Sequence[str], guidance: Sequence[float], seed: int, steps: int,
-                scheduler: str = "ddim", negative: Sequence[str] | None = None, *,
+                scheduler: str | None = None, negative: Sequence[str] | None = None, *,
                 mesh: Mesh | None = None, drop: Sequence[str] = ()) -> np.ndarray:
     """[len(guidance), len(captions), H, W, 3] uint8 samples, the same on every process.
 
     The samples are split over `mesh` (default `local_mesh()`). Weights already on the
     mesh's devices keep their sharding (a training run's fsdp split); others are
-    replicated onto it.
+    replicated onto it. `scheduler`: default ddim, euler for a flow-matching model.
     """
+    scheduler = scheduler or ("euler" if spec.flow is not None else "ddim")
     mesh = local_mesh() if mesh is None else mesh
     params, frozen = sharding.on_mesh((params, frozen), mesh)
     # Host (numpy) inputs: in a multi-process run jit treats them as replicated values,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxcond import dropout, export as export_lib, rundir, train as train_lib
+from jaxcond import dropout, export as export_lib, rng, rundir, sampling, train as train_lib
 from jaxcond.checks import ConfigError
 from jaxcond.config import from_file
 from jaxcond.models import registry, sd3, sd3_tiny
@@ -212,6 +212,23 @@ def test_trains_with_flow_and_per_encoder_dropout_then_exports_for_the_pipeline(
     trained = rundir.load_trained(run).params("raw")["model"]
     got = jax.jit(family.denoise)({**family.frozen, **trained}, jnp.asarray(x), jnp.asarray(t), cond)
     assert_close(got, transformer_output(exported.transformer, x, t, context, pooled))
+    # And the pipeline samples what `jaxcond sample` samples from the same starting latent,
+    # given the zeros nulls as its negative embeddings (its default would encode "").
+    import torch
+
+    run_t = rundir.load_trained(run)
+    guidance, steps = [1.0, 4.0], 4
+    images = sampling.sample_grid(run_t.family, run_t.spec, run_t.params("raw"), run_t.family.frozen, PROMPTS,
+                                  guidance, 0, steps)
+    with rng.derivation():  # as `sampling.sample` draws it
+        start = np.asarray(jax.random.normal(jax.random.key(0), (len(PROMPTS),) + tuple(family.sample_shape)))
+    zeros = {"negative_prompt_embeds": torch.zeros(context.shape), "negative_pooled_prompt_embeds": torch.zeros(pooled.shape)}
+    for i, g in enumerate(guidance):
+        theirs = exported(PROMPTS, latents=torch.from_numpy(start.copy()), num_inference_steps=steps, guidance_scale=g,
+                          height=images.shape[2], width=images.shape[3], max_sequence_length=T5_LENGTH,
+                          output_type="np", **zeros).images
+        diff = np.abs(images[i].astype(np.int32) - np.round(theirs * 255).astype(np.int32))
+        assert diff.max() <= 3, f"guidance {g}: max {diff.max()}, mean {diff.mean():.2f} uint8 steps apart"
 
 
 def _count(tree) -> int:
