@@ -4,9 +4,10 @@ Trains configs/demo.py (2000 steps) three times with the same seed, holding out 
 records for validation (data.validation_fraction = 0.02, the first 256 scored at 4 fixed
 timesteps each every 250 steps): caption dropout 0.1 (as shipped), 0 (the null never
 trained) and 1 (the captions never seen). Prints, per run, the validation loss, the caption
-gap with its standard error over examples and the per-band gaps at each evaluation, then
-the final caption adherence of the held-out-combination samples (the scorer's numbers)
-beside the final gap, as markdown tables; writes them to <workdir>/results.json.
+gap with its standard error over examples, the gap relative to the loss and the per-band
+gaps at each evaluation, then the final caption adherence of the held-out-combination samples (the scorer's numbers)
+beside the final gap, as markdown tables; writes them to <workdir>/results.json (a rerun with
+that file prints the tables again).
 
     python benchmarks/caption_gap.py [--workdir runs/caption_gap] [--config.field=value ...]
 """
@@ -25,8 +26,36 @@ from demo_adherence import demo_flags  # noqa: E402
 RATES = (0.1, 0.0, 1.0)
 
 
+def render(results: dict, seconds: float | None) -> str:
+    """The markdown tables of `results` ({rate: {"evals": [...], "scores": {...}}})."""
+    took = f", {seconds:.0f} s in all" if seconds else ""
+    out = [f"## caption gap during training (configs/demo.py{took})\n"]
+    bands = sorted(k for k in next(iter(results.values()))["evals"][0] if k.startswith("val/caption_gap/band"))
+    out.append("| rate | step | val loss | caption gap (± s.e.) | gap / loss | "
+               + " | ".join(b.rsplit("/", 1)[1] for b in bands) + " |")
+    out.append("|---" * (5 + len(bands)) + "|")
+    for rate, r in results.items():
+        for e in r["evals"]:
+            out.append(f"| {rate} | {e['step']} | {e['val/loss']:.4f} | {e['val/caption_gap']:+.5f} "
+                       f"± {e['val/caption_gap_se']:.5f} | {e['val/caption_gap'] / e['val/loss']:+.1%} | "
+                       + " | ".join(f"{e[b]:+.5f}" for b in bands) + " |")
+    out.append("\n## final: caption gap against the adherence scorer (held-out combinations, fraction right)\n")
+    out.append("| rate | caption gap | uncond colour | cfg1 colour | cfg3 colour | cfg3 shape |")
+    out.append("|---|---|---|---|---|---|")
+    for rate, r in results.items():
+        s, e = r["scores"], r["evals"][-1]
+        out.append(f"| {rate} | {e['val/caption_gap']:+.5f} ± {e['val/caption_gap_se']:.5f} | "
+                   f"{s['uncond']['color']:.2f} | {s['cfg1']['color']:.2f} | {s['cfg3']['color']:.2f} | "
+                   f"{s['cfg3']['shape']:.2f} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     cfg, workdir = demo_flags("runs/caption_gap", "Folder of the three runs (each resumed if it exists).")
+    saved = os.path.join(workdir, "results.json")
+    if os.path.exists(saved):  # a finished benchmark: its tables again
+        print(render(json.load(open(saved)), None))
+        return 0
     from jaxcond import xla
     from jaxcond.train import train
 
@@ -41,23 +70,9 @@ def main() -> int:
         out = train(c, run, progress=False)
         evals = [json.loads(line) for line in open(os.path.join(run, "eval.jsonl"))]
         results[f"{rate:g}"] = {"evals": evals, "scores": out["scores"]}
-    print(f"## caption gap during training (configs/demo.py, {time.time() - t0:.0f} s in all)\n")
-    bands = sorted(k for k in results["0.1"]["evals"][0] if k.startswith("val/caption_gap/band"))
-    print("| rate | step | val loss | caption gap (± s.e.) | " + " | ".join(b.rsplit("/", 1)[1] for b in bands) + " |")
-    print("|---" * (4 + len(bands)) + "|")
-    for rate, r in results.items():
-        for e in r["evals"]:
-            print(f"| {rate} | {e['step']} | {e['val/loss']:.4f} | {e['val/caption_gap']:+.5f} "
-                  f"± {e['val/caption_gap_se']:.5f} | " + " | ".join(f"{e[b]:+.5f}" for b in bands) + " |")
-    print("\n## final: caption gap against the adherence scorer (held-out combinations, fraction right)\n")
-    print("| rate | caption gap | uncond colour | cfg1 colour | cfg3 colour | cfg3 shape |")
-    print("|---|---|---|---|---|---|")
-    for rate, r in results.items():
-        s, e = r["scores"], r["evals"][-1]
-        print(f"| {rate} | {e['val/caption_gap']:+.5f} ± {e['val/caption_gap_se']:.5f} | {s['uncond']['color']:.2f} "
-              f"| {s['cfg1']['color']:.2f} | {s['cfg3']['color']:.2f} | {s['cfg3']['shape']:.2f} |")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    with open(saved, "w") as f:
         json.dump(results, f, indent=2)
+    print(render(results, time.time() - t0))
     return 0
 
 

@@ -6,6 +6,7 @@ of the shipped SD3.5 configs; bad folders and fields in one line."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -229,6 +230,13 @@ def test_trains_with_flow_and_per_encoder_dropout_then_exports_for_the_pipeline(
                           output_type="np", **zeros).images
         diff = np.abs(images[i].astype(np.int32) - np.round(theirs * 255).astype(np.int32))
         assert diff.max() <= 3, f"guidance {g}: max {diff.max()}, mean {diff.mean():.2f} uint8 steps apart"
+    # docs/export.md's snippet, as a user runs it, on this export.
+    text = open(os.path.join(ROOT, "docs", "export.md")).read()
+    snippet = re.search(r"<!-- sd3-nulls-snippet -->\n```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    snippet = snippet.replace('"exported/sd35/jaxcond.json"', repr(os.path.join(out, "jaxcond.json")))
+    exec(snippet.replace('"exported/sd35"', repr(out)), namespace)
+    assert namespace["image"].size == (images.shape[3], images.shape[2])
 
 
 def _count(tree) -> int:
