@@ -147,7 +147,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.snr_gamma = 5.0  # Min-SNR-gamma loss weighting; 0 turns it off.
     c.diffusion.noise_offset = 0.0  # Per-channel offset noise scale; 0 turns it off.
     # Flow: sigma = shift(u), u from the density below; the network sees sigma * 1000.
-    c.diffusion.flow_shift = 3.0  # SD3's resolution shift (more steps at high noise); 1 = none.
+    # fixed (SD3: flow_shift) | resolution (Flux: exp(mu), mu linear in the image's tokens from
+    # flow_base_shift at 256 to flow_max_shift at 4096).
+    c.diffusion.flow_shift_mode = "fixed"
+    c.diffusion.flow_shift = 3.0  # SD3's shift (more steps at high noise); 1 = none.
+    c.diffusion.flow_base_shift = 0.5  # resolution mode: mu at 256 tokens.
+    c.diffusion.flow_max_shift = 1.15  # resolution mode: mu at 4096 tokens.
     c.diffusion.flow_timestep_sampling = "logit_normal"  # logit_normal | mode | uniform (SD3 paper, 3.1)
     c.diffusion.flow_logit_mean = 0.0  # logit_normal's mean; > 0 trains more at high noise.
     c.diffusion.flow_logit_std = 1.0  # logit_normal's standard deviation.

@@ -36,8 +36,13 @@ def scheduler_config(cfg_diffusion: dict, clip_sample: bool) -> dict:
     for a flow-matching model FlowMatchEulerDiscreteScheduler (jaxcond.flow.schedule)."""
     d = cfg_diffusion
     if d.get("objective", "ddpm") == "flow":
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-                "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS, "shift": d["flow_shift"]}
+        out = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+               "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS, "shift": d["flow_shift"]}
+        if d.get("flow_shift_mode", "fixed") == "resolution":  # Flux's
+            out.update(use_dynamic_shifting=True, time_shift_type="exponential", base_shift=d["flow_base_shift"],
+                       max_shift=d["flow_max_shift"], base_image_seq_len=flow.BASE_SEQ_LEN,
+                       max_image_seq_len=flow.MAX_SEQ_LEN)
+        return out
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
             "num_train_timesteps": d["num_train_timesteps"], "beta_schedule": d["beta_schedule"],
             "beta_start": d["beta_start"], "beta_end": d["beta_end"],

@@ -22,6 +22,9 @@ import numpy as np
 from jaxcond.checks import check, one_of
 
 SAMPLING_SCHEMES = ("logit_normal", "mode", "uniform")
+# fixed: SD3's shift; resolution: Flux's, growing with the image's token count (`resolution_mu`).
+SHIFT_MODES = ("fixed", "resolution")
+BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096  # Flux's scheduler: tokens at which mu is base_shift / max_shift
 WEIGHTING_SCHEMES = ("sigma_sqrt", "cosmap", "none")
 NUM_TRAIN_TIMESTEPS = 1000  # Scales sigma into the timestep input; the scheduler grid's size.
 DEFAULT_SHIFT = 3.0  # SD3's scheduler_config.
@@ -42,6 +45,9 @@ class FlowSpec:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     weighting: str = "none"
+    shift_mode: str = "fixed"
+    base_shift: float = 0.5
+    max_shift: float = 1.15
 
     @staticmethod
     def from_config(d: ml_collections.ConfigDict) -> FlowSpec | None:
@@ -50,11 +56,24 @@ class FlowSpec:
             return None
         return FlowSpec(shift=float(d.flow_shift), sampling=d.flow_timestep_sampling,
                         logit_mean=float(d.flow_logit_mean), logit_std=float(d.flow_logit_std),
-                        mode_scale=float(d.flow_mode_scale), weighting=d.flow_weighting)
+                        mode_scale=float(d.flow_mode_scale), weighting=d.flow_weighting,
+                        # (.get: runs saved before Flux's shift existed used SD3's.)
+                        shift_mode=d.get("flow_shift_mode", "fixed"), base_shift=float(d.get("flow_base_shift", 0.5)),
+                        max_shift=float(d.get("flow_max_shift", 1.15)))
 
-    def sigmas(self, key: jax.Array, batch: int) -> jax.Array:
-        return sample_sigmas(key, batch, self.sampling, self.logit_mean, self.logit_std, self.mode_scale,
-                             self.shift)
+    def mu(self, tokens: int) -> float | None:
+        """The resolution shift's mu for images of `tokens` tokens; None for the fixed shift."""
+        return None if self.shift_mode == "fixed" else resolution_mu(tokens, self.base_shift, self.max_shift)
+
+    def sigmas(self, key: jax.Array, batch: int, tokens: int) -> jax.Array:
+        """Training sigmas of one batch of images of `tokens` tokens each."""
+        u = _density(key, batch, self.sampling, self.logit_mean, self.logit_std, self.mode_scale)
+        mu = self.mu(tokens)
+        return shift_sigmas(u, self.shift) if mu is None else time_shift(u, mu)
+
+    def sampling_schedule(self, num_steps: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """`schedule` for images of `tokens` tokens."""
+        return schedule(num_steps, self.shift, mu=self.mu(tokens))
 
 
 def validate(d: ml_collections.ConfigDict) -> None:
@@ -66,6 +85,9 @@ def validate(d: ml_collections.ConfigDict) -> None:
     check(0 <= d.flow_mode_scale <= 1.75, "diffusion.flow_mode_scale", d.flow_mode_scale,
           "must be in [0, 1.75] (SD3 uses 1.29)")
     one_of("diffusion.flow_weighting", d.flow_weighting, WEIGHTING_SCHEMES)
+    one_of("diffusion.flow_shift_mode", d.flow_shift_mode, SHIFT_MODES)
+    check(0 <= d.flow_base_shift <= d.flow_max_shift, "diffusion.flow_base_shift", d.flow_base_shift,
+          f"must be in [0, diffusion.flow_max_shift = {d.flow_max_shift}] (Flux: 0.5 and 1.15)")
 
 
 # Training.
@@ -89,6 +111,20 @@ def model_timesteps(sigmas: jax.Array, num_train_timesteps: int = NUM_TRAIN_TIME
 def shift_sigmas(sigmas: jax.Array, shift: float) -> jax.Array:
     """SD3's resolution shift: more time at high noise for shift > 1; fixes 0 and 1."""
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def resolution_mu(tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's mu: linear in the image's token count, base_shift at 256 tokens and
+    max_shift at 4096 (FluxPipeline's `calculate_shift`)."""
+    m = (max_shift - base_shift) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    return tokens * m + base_shift - m * BASE_SEQ_LEN
+
+
+def time_shift(sigmas: jax.Array, mu: float) -> jax.Array:
+    """Flux's exponential time shift (FlowMatchEulerDiscreteScheduler's use_dynamic_shifting):
+    the curve of `shift_sigmas` with shift = exp(mu); fixes 0 and 1."""
+    e = float(np.exp(mu))
+    return e / (e + (1.0 / sigmas - 1.0))
 
 
 def _density(key: jax.Array, batch: int, scheme: str, logit_mean: float, logit_std: float,
@@ -136,25 +172,31 @@ def loss_weights(sigmas: jax.Array, scheme: str) -> jax.Array:
 
 # Sampling.
 
-def schedule(num_steps: int, shift: float = DEFAULT_SHIFT,
-             num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[np.ndarray, np.ndarray]:
+def schedule(num_steps: int, shift: float = DEFAULT_SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+             mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, timesteps) of an Euler sampler, as FlowMatchEulerDiscreteScheduler's set_timesteps.
 
     sigmas has num_steps + 1 float32 entries, from 1 down to a final 0; timesteps (the
     network's input at each step) has num_steps, sigma * num_train_timesteps.
 
-    diffusers shifts twice, and we keep that so samples match theirs: the end points of
-    the linspace are sigma_max and sigma_min of the *shifted* training grid (computed in
-    float32, as their constructor does), and the points in between are shifted again.
+    With `mu` (Flux), as FluxPipeline calls it: linspace(1, 1/num_steps) through the
+    exponential `time_shift`. Without (SD3), diffusers shifts twice, and we keep that so
+    samples match theirs: the end points of the linspace are sigma_max and sigma_min of the
+    *shifted* training grid (computed in float32, as their constructor does), and the points
+    in between are shifted again.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps = {num_steps!r}: must be >= 1")
     n = num_train_timesteps
-    train = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
-    train = np.float32(shift) * train / (np.float32(1) + np.float32(shift - 1) * train)
-    sigma_max, sigma_min = float(train[0]), float(train[-1])
-    ts = np.linspace(sigma_max * n, sigma_min * n, num_steps)  # float64, as theirs
-    sigmas = (shift_sigmas(ts / n, shift)).astype(np.float32)
+    if mu is not None:
+        unshifted = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+        sigmas = np.asarray(time_shift(unshifted, mu), np.float32)
+    else:
+        train = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
+        train = np.float32(shift) * train / (np.float32(1) + np.float32(shift - 1) * train)
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+        ts = np.linspace(sigma_max * n, sigma_min * n, num_steps)  # float64, as theirs
+        sigmas = (shift_sigmas(ts / n, shift)).astype(np.float32)
     timesteps = sigmas * np.float32(n)
     return np.concatenate([sigmas, np.zeros(1, np.float32)]), timesteps
 

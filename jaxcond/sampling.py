@@ -172,7 +172,8 @@ def sample(family: Family, spec: StepSpec, params: Params, frozen: Params, token
         cond, uncond = (with_nulls(family, spec, params, frozen, c, drop) for c in (cond, uncond))
     both = jax.tree.map(_pair, cond, uncond)
     if spec.flow is not None:  # (sigma, next sigma) pairs; the network is fed sigma * 1000
-        sigmas = jnp.asarray(flow.schedule(steps, spec.flow.shift)[0])
+        tokens = int(np.prod(family.sample_shape[1:])) // family.patch_size**2
+        sigmas = jnp.asarray(spec.flow.sampling_schedule(steps, tokens)[0])
         ts, prev = sigmas[:-1], sigmas[1:]
     else:
         ts = trailing_timesteps(spec.schedule.num_train_timesteps, steps)

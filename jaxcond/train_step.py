@@ -169,15 +169,18 @@ def abstract_state(family: Family, spec: StepSpec, tx: optax.GradientTransformat
                         shardings(shapes))
 
 
-def step_randomness(spec: StepSpec, step: jax.Array, x_shape: tuple[int, ...]) -> dict[str, Any]:
+def step_randomness(spec: StepSpec, step: jax.Array, x_shape: tuple[int, ...],
+                    patch_size: int = 1) -> dict[str, Any]:
     """Masks, timesteps and noise of one step, over the global batch. Timesteps `t` are
-    DDPM's integer ones, or the flow objective's sigmas in (0, 1]."""
+    DDPM's integer ones, or the flow objective's sigmas in (0, 1] (Flux's resolution shift
+    counts a sample's tokens: H * W / patch_size**2)."""
     b = spec.global_batch
     with rng.derivation():
         masks = (dropout.masks(spec.seed, step, spec.groups, b, spec.steps_per_epoch)
                  if spec.with_dropout else {})
         key = rng.stream_key(spec.seed, step, rng.STREAM_TIMESTEP)
-        t = (spec.flow.sigmas(key, b) if spec.flow is not None
+        tokens = int(np.prod(x_shape[2:])) // patch_size**2
+        t = (spec.flow.sigmas(key, b, tokens) if spec.flow is not None
              else jax.random.randint(key, (b,), 0, spec.schedule.num_train_timesteps))
         noise = jax.random.normal(rng.stream_key(spec.seed, step, rng.STREAM_NOISE), x_shape)
         if spec.noise_offset > 0:
@@ -241,7 +244,7 @@ def train_step(family: Family, spec: StepSpec, tx: optax.GradientTransformation,
     moments = batch["moments"] if "moments" in batch else family.image_moments(frozen, batch["images"])
     with rng.derivation():
         x0 = family.draw_x0(moments, rng.stream_key(spec.seed, step, rng.STREAM_LATENT))
-    r = step_randomness(spec, step, x0.shape)
+    r = step_randomness(spec, step, x0.shape, family.patch_size)
     if compute_sharding is not None:
         # Every device draws all B mask bits instead of its slice: they are also returned
         # as a replicated metric, and gathering a few dozen bools costs a collective, on CPU

@@ -199,3 +199,31 @@ def test_bad_flow_fields_are_refused_in_one_line(field, value, words):
     cfg.diffusion.snr_gamma = 0.0
     with pytest.raises(ConfigError, match="sample.scheduler"):
         config_lib.validate(cfg, None, reads_data=False)
+
+
+@pytest.mark.parametrize("num_steps,tokens", [(1, 256), (4, 1024), (28, 4096), (50, 64 * 64)])
+def test_resolution_schedule_matches_flux_pipeline_and_scheduler(num_steps, tokens):
+    """Flux: FluxPipeline's linspace(1, 1/n) sigmas and calculate_shift's mu through the
+    exported scheduler's exponential time shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from jaxcond import export
+
+    cfg = {"objective": "flow", "flow_shift": 3.0, "flow_shift_mode": "resolution", "flow_base_shift": 0.5,
+           "flow_max_shift": 1.15}
+    theirs = FlowMatchEulerDiscreteScheduler.from_config(export.scheduler_config(cfg, clip_sample=False))
+    assert theirs.config.use_dynamic_shifting
+    mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    assert flow.resolution_mu(tokens) == pytest.approx(mu, rel=1e-12)
+    theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    spec = flow.FlowSpec(shift_mode="resolution")
+    sigmas, timesteps = spec.sampling_schedule(num_steps, tokens)
+    np.testing.assert_allclose(sigmas, theirs.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(timesteps, theirs.timesteps.numpy(), rtol=1e-6, atol=1e-4)
+    # Training draws the same curve: u from the density, then the time shift of that many tokens.
+    key = jax.random.key(5)
+    u = flow.sample_sigmas(key, 512, "logit_normal", shift=1.0)
+    want = theirs.time_shift(mu, 1.0, np.asarray(u, np.float64))
+    np.testing.assert_allclose(spec.sigmas(key, 512, tokens), want, rtol=1e-5)
+    assert float(spec.sigmas(key, 512, 4096).mean()) > float(spec.sigmas(key, 512, 256).mean())  # bigger: noisier

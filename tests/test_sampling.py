@@ -97,21 +97,28 @@ def test_deterministic_schedulers_match_diffusers(name):
 FLOW_SPEC = dataclasses.replace(SPEC, flow=flow.FlowSpec(shift=3.0))
 
 
-def test_flow_sampler_matches_diffusers_flow_match_euler():
-    """A flow model samples as StableDiffusion3Pipeline does with the exported scheduler,
-    CFG included (the Toy's float timesteps are sigma * 1000, as SD3's)."""
+@pytest.mark.parametrize("mode", ["fixed", "resolution"])
+def test_flow_sampler_matches_diffusers_flow_match_euler(mode):
+    """A flow model samples as StableDiffusion3Pipeline (fixed shift) or FluxPipeline
+    (resolution shift) do with the exported scheduler, CFG included (the Toy's float
+    timesteps are sigma * 1000, as SD3's)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    cfg = {"objective": "flow", "flow_shift": 3.0}
+    cfg = {"objective": "flow", "flow_shift": 3.0, "flow_shift_mode": mode, "flow_base_shift": 0.5,
+           "flow_max_shift": 1.15}
     sched = FlowMatchEulerDiscreteScheduler.from_config(export_lib.scheduler_config(cfg, clip_sample=False))
-    sched.set_timesteps(8)
+    if mode == "fixed":
+        sched.set_timesteps(8)
+    else:  # FluxPipeline's call, for the Toy's 4 x 4 tokens
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=flow.resolution_mu(16))
     fam, g = Toy(), 4.0
     params = {"model": fam.trainable, "nulls": {}}
     tokens = fam.tokenize(["ab", "abcd"])
     cond = fam.encode({}, jnp.asarray(tokens))
     uncond = {"text": jnp.zeros_like(cond["text"])}  # a `zeros` null
-    spec = dataclasses.replace(FLOW_SPEC, groups=(dropout.Group("caption", ("text",), 0.1),), nulls=(("text", "zeros"),))
+    spec = dataclasses.replace(FLOW_SPEC, groups=(dropout.Group("caption", ("text",), 0.1),), nulls=(("text", "zeros"),),
+                               flow=flow.FlowSpec(shift=3.0, shift_mode=mode))
     x = jax.random.normal(jax.random.key(3), (2, 3, 4, 4))
     xt = torch.from_numpy(np.array(x))
     for t in sched.timesteps:

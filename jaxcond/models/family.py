@@ -125,6 +125,11 @@ class Family(abc.ABC):
         """Writes the model with these trainable params as one `.safetensors` file."""
         raise NotImplementedError(f"{type(self).__name__} has no single-file layout")
 
+    #: A transformer's patch side in the diffusion space (1: no patches): a sample of
+    #: shape (C, H, W) is H * W / patch_size**2 tokens, which Flux's resolution-dependent
+    #: flow shift reads.
+    patch_size: int = 1
+
     #: The LoRA spec (`jaxcond.models.lora.Spec`) when only adapters train, else None.
     lora: Any = None
 
