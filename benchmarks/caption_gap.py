@@ -68,7 +68,7 @@ def main() -> int:
             g.rate = rate
         run = os.path.join(workdir, f"rate{rate:g}")
         out = train(c, run, progress=False)
-        evals = [json.loads(line) for line in open(os.path.join(run, "eval.jsonl"))]
+        evals = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "val/loss" in r]
         results[f"{rate:g}"] = {"evals": evals, "scores": out["scores"]}
     with open(saved, "w") as f:
         json.dump(results, f, indent=2)

@@ -72,8 +72,7 @@ class RunLog:
         if self.active:
             # Steps after the restored checkpoint will run again: drop their old lines.
             for name, keep in (("masks.jsonl", lambda r: r["step"] < start),
-                               ("metrics.jsonl", lambda r: r["step"] <= start),
-                               ("eval.jsonl", lambda r: r["step"] <= start)):
+                               ("metrics.jsonl", lambda r: r["step"] <= start)):
                 if self.mirror:
                     self.mirror.fetch(name)
                 if truncate_jsonl(os.path.join(self.dir, name), keep) and self.mirror:
@@ -105,10 +104,11 @@ class RunLog:
         return scalars
 
     def validation(self, done: int, scalars: dict[str, float]) -> None:
-        """The validation losses after step `done` (jaxcond.validation): eval.jsonl, TensorBoard, W&B."""
+        """The validation losses after step `done` (jaxcond.validation), a line of their own in
+        metrics.jsonl (its lines with "val/loss"), TensorBoard and W&B."""
         if not self.active:
             return
-        with open(os.path.join(self.dir, "eval.jsonl"), "a") as f:
+        with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": done, **scalars}) + "\n")
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, done)

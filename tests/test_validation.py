@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -60,12 +59,12 @@ def test_evaluating_changes_no_training_stream(evaluated):
                  jax.device_get(runs["plain"]["state"]))
     masks = [open(base / n / "masks.jsonl").read() for n in ("eval", "plain")]
     assert masks[0] == masks[1]
-    assert not os.path.exists(base / "plain" / "eval.jsonl")
+    assert not [line for line in open(base / "plain" / "metrics.jsonl") if "val/loss" in line]
 
 
 def test_losses_are_exact_across_evaluations_and_devices(evaluated):
     base, cfg, _ = evaluated
-    logged = {r["step"]: r for r in map(json.loads, open(base / "eval" / "eval.jsonl"))}
+    logged = {r["step"]: r for r in map(json.loads, open(base / "eval" / "metrics.jsonl")) if "val/loss" in r}
     assert sorted(logged) == [4, 8] and logged[8]["val/examples"] == 24
     # The checkpoint of step 8 evaluated again, outside training (one process, every local device).
     again = eval_run(str(base / "eval"), step=8)
@@ -137,7 +136,7 @@ def test_the_caption_gap_tells_a_captioned_model_from_one_that_never_saw_caption
         cfg.sample.num_prompts = cfg.sample.per_prompt = 1
         cfg.dropout.groups.caption.rate = rate
         train_lib.train(cfg, str(tmp_path / f"rate{rate}"), progress=False)
-        last = json.loads(open(tmp_path / f"rate{rate}" / "eval.jsonl").readlines()[-1])
+        last = [r for r in map(json.loads, open(tmp_path / f"rate{rate}" / "metrics.jsonl")) if "val/loss" in r][-1]
         gaps[rate] = (last["val/caption_gap"], last["val/caption_gap_se"])
     (captioned, se), (never, se_never) = gaps[0.1], gaps[1.0]
     assert captioned > 3 * se, gaps
