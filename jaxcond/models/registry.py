@@ -35,9 +35,13 @@ def as_read(model: Mapping) -> dict:
     return {**{k: v for k, v in model.items() if k != "demo" or family == "demo"}, "family": family}
 
 
+# Family names whose module has another name: flux.py is Flux's transformer alone.
+_MODULES = {"flux": "flux_family"}
+
+
 def family_class(name: str) -> type[Family]:
     """The `FAMILY` of module `name` (see the module docstring)."""
-    module_name = name if "." in name else f"{__package__}.{name}"
+    module_name = name if "." in name else f"{__package__}.{_MODULES.get(name, name)}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
