@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -151,6 +151,32 @@ def build(path: str, cfg: ml_collections.ConfigDict, resolution: int, seed: int)
                               convert.to_pytorch(jax.device_get(params)), metadata={"format": "pt"})
 
 
+def built_base(source: str, workdir: str, build_into: Callable[[str], None]) -> str:
+    """The local model folder of `config.model.source`: any source but "demo" as it is; for
+    "demo" `<workdir>/base_model`, which `build_into(folder)` writes the first time (process
+    0 builds, the others wait for it). Every demo family (this one, sd3_demo) builds so."""
+    if source != "demo":
+        return source
+    if not workdir:
+        raise ConfigError("config.model.source = 'demo' builds the demo model into the run directory: "
+                          "pass --workdir (where the demo model is)")
+    path = storage.join(workdir, "base_model")
+    # On Cloud Storage a folder is uploaded object by object: a marker object, written
+    # last, tells a complete one from an upload a kill cut short.
+    done = storage.join(path, ".complete") if storage.is_url(path) else path
+    if jax.process_index() == 0 and not storage.exists(done):
+        # Built aside and renamed: a kill mid-build must not leave a folder that later
+        # starts would load as the model.
+        outputs.remove_stale(path)
+        with outputs.atomic(path) as tmp:
+            build_into(tmp)
+        if done != path:
+            storage.write_bytes(done, b"")
+    if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
+        multihost_utils.sync_global_devices("jaxcond: demo model built")
+    return storage.local_folder(path) if storage.is_url(path) else path  # the loaders read local files
+
+
 class Demo(UNetCLIP):
     """The demo model: `UNetCLIP` loaded from the folder `build` writes."""
 
@@ -190,27 +216,8 @@ class Demo(UNetCLIP):
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
                     resolution: int, shapes_only: bool = False) -> UNetCLIP:
-        path = model.source
-        if path == "demo":
-            if not workdir:
-                raise ConfigError("config.model.source = 'demo' builds the demo model into the run directory: "
-                                  "pass --workdir (where the demo model is)")
-            path = storage.join(workdir, "base_model")
-            # On Cloud Storage a folder is uploaded object by object: a marker object, written
-            # last, tells a complete one from an upload a kill cut short.
-            done = storage.join(path, ".complete") if storage.is_url(path) else path
-            if jax.process_index() == 0 and not storage.exists(done):
-                # Built aside and renamed: a kill mid-build must not leave a folder that
-                # later starts would load as the model.
-                outputs.remove_stale(path)
-                with outputs.atomic(path) as tmp:
-                    build(tmp, model.demo, resolution, model.demo.init_seed)
-                if done != path:
-                    storage.write_bytes(done, b"")
-            if jax.process_count() > 1:  # the others read what process 0 wrote (shared workdir)
-                multihost_utils.sync_global_devices("jaxcond: demo model built")
-            if storage.is_url(path):
-                path = storage.local_folder(path)  # the loaders read local files
+        path = built_base(model.source, workdir,
+                          lambda tmp: build(tmp, model.demo, resolution, model.demo.init_seed))
         return cls(path, dtype=dtype, clip_skip=model.clip_skip, train_text_encoder=model.train_text_encoder,
                    base=model.base, remat=model.get("remat", "none"), shapes_only=shapes_only,
                    **unet_clip.extra_args(model))

@@ -15,7 +15,9 @@ whatever it is given exactly as the pipeline's `encode_prompt` does: CLIP-L and 
 side by side on the features, zero-padded to T5's width, then T5's tokens after them.
 
 Latents follow SD3's VAE convention: x0 = (z - shift_factor) * scaling_factor, decoded
-from x0 / scaling_factor + shift_factor. The network's timestep input is sigma * 1000
+from x0 / scaling_factor + shift_factor. A folder without `vae/` (the CPU demo,
+jaxcond.models.sd3_demo) is pixel-space: x0 = images / 127.5 - 1, NCHW; it trains and
+samples, but no diffusers pipeline runs it, so it is not exported. The network's timestep input is sigma * 1000
 (jaxcond.flow). LoRA and text-encoder fine-tuning are not implemented for this family.
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,7 +36,7 @@ import numpy as np
 
 from jaxcond import flow, sharding
 from jaxcond.checks import ConfigError, check, int_at_least, one_of
-from jaxcond.models import convert, load, mmdit_convert
+from jaxcond.models import convert, load, mmdit_convert, t5
 from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
 from jaxcond.models.mmdit import MMDiT, MMDiTConfig
 from jaxcond.models.unet_clip import _quiet_deprecations
@@ -43,52 +44,13 @@ from jaxcond.models.unet_clip import _quiet_deprecations
 CLIPS = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G
 T5 = "text_encoder_3"
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
-PARTS = ("transformer", *CLIPS, T5, *TOKENIZERS, "vae")
+PARTS = ("transformer", *CLIPS, T5, *TOKENIZERS)  # and vae/, or the model is pixel-space
 CONDITIONERS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
 MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses a longer max_sequence_length
 # The config files (no weights, no tokenizer vocabularies) of these hub models ship with
 # jaxcond, so their parameter shapes are known offline (`jaxcond plan`).
 SHIPPED = {"stabilityai/stable-diffusion-3.5-medium": "sd35_medium",
            "stabilityai/stable-diffusion-3.5-large": "sd35_large"}
-# PyTorch's T5 names its gated projections `wi_0`/`wi_1`, which convert's rule would read
-# as list entries `wi.0`; and it ties `encoder.embed_tokens` to `shared` (one tensor).
-_T5_GATED = re.compile(r"\.wi_(\d)\.")
-_T5_TIED = "encoder.embed_tokens.weight"
-
-
-def t5_from_pytorch(tensors: Mapping) -> dict:
-    """A PyTorch T5EncoderModel state dict keyed as `convert.from_pytorch` reads it."""
-    out = {_T5_GATED.sub(r".wi.\1.", k): v for k, v in tensors.items() if k != _T5_TIED}
-    if "shared.weight" not in out and _T5_TIED in tensors:
-        out["shared.weight"] = tensors[_T5_TIED]
-    return out
-
-
-def t5_to_pytorch(tensors: Mapping) -> dict:
-    """`convert.to_pytorch` of a Flax T5 encoder keyed as PyTorch's T5EncoderModel."""
-    return {re.sub(r"\.wi\.(\d)\.", r".wi_\1.", k): v for k, v in tensors.items()}
-
-
-class _NumpyWithOldClip:
-    """jax.numpy, but `clip` also takes the `a_min`/`a_max` names that JAX removed."""
-
-    def __getattr__(self, name: str):
-        return getattr(jnp, name)
-
-    @staticmethod
-    def clip(x, a_min=None, a_max=None):
-        return jnp.clip(x, min=a_min, max=a_max)
-
-
-def patch_flax_t5() -> None:
-    """transformers' Flax T5 calls `jnp.clip(..., a_max=)`, which this JAX refuses: its
-    module (only it) gets a jax.numpy whose clip takes those names."""
-    from transformers.models.t5 import modeling_flax_t5
-
-    if not isinstance(modeling_flax_t5.jnp, _NumpyWithOldClip):
-        modeling_flax_t5.jnp = _NumpyWithOldClip()
-
-
 def model_index() -> dict:
     """The `model_index.json` of StableDiffusion3Pipeline for these parts."""
     return {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -117,7 +79,8 @@ def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, A
     """The transformer's config, the CLIP-L and CLIP-G configs and T5's width, once their
     configs (before any weights are read) show that the parts fit together."""
     configs = {}
-    for sub in ("transformer", *CLIPS, T5, "vae"):
+    latent = os.path.isdir(os.path.join(path, "vae"))
+    for sub in ("transformer", *CLIPS, T5) + (("vae",) if latent else ()):
         file = os.path.join(path, sub, "config.json")
         if not os.path.isfile(file):
             raise ConfigError(f"config.model.source = {source!r} has no {sub}/config.json; is it a diffusers-format "
@@ -135,7 +98,8 @@ def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, A
     if not 1 <= clip_skip < layers:
         raise ConfigError(f"config.model.clip_skip = {clip_skip}: the CLIP encoders have {layers} layers; use 1 "
                           f"(the penultimate, SD3's own) up to {layers - 1}")
-    t5_width, latent = T5Config.from_dict(configs[T5]).d_model, configs["vae"].get("latent_channels", 4)
+    t5_width = T5Config.from_dict(configs[T5]).d_model
+    channels = configs["vae"].get("latent_channels", 4) if latent else 3  # pixel-space: RGB
     widths, projections = (clip_l.hidden_size, clip_g.hidden_size), (clip_l.projection_dim, clip_g.projection_dim)
     problems = []
     if t5_width != c.joint_attention_dim:
@@ -145,8 +109,9 @@ def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, A
     if sum(projections) != c.pooled_projection_dim:
         problems.append(f"the CLIP projections {projections[0]} + {projections[1]} do not make the transformer's "
                         f"pooled_projection_dim {c.pooled_projection_dim}")
-    if latent != c.in_channels:
-        problems.append(f"the VAE makes {latent} channels, the transformer takes {c.in_channels}")
+    if channels != c.in_channels or channels != c.out_channels:
+        problems.append(f"the {'VAE makes' if latent else 'images (no vae/) have'} {channels} channels, the "
+                        f"transformer takes {c.in_channels} and makes {c.out_channels}")
     if problems:
         raise ConfigError(f"config.model.source = {source!r}: its parts do not belong together ("
                           + "; ".join(problems) + ")")
@@ -154,7 +119,8 @@ def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, A
 
 
 class SD3(Family):
-    """StableDiffusion3Pipeline's models: MMDiT + CLIP-L + CLIP-G + T5 + a 16-channel VAE."""
+    """StableDiffusion3Pipeline's models: MMDiT + CLIP-L + CLIP-G + T5 + a 16-channel VAE.
+    A folder without `vae/` is pixel-space, as unet_clip's: x0 is the RGB image in [-1, 1]."""
 
     latent = True
 
@@ -167,7 +133,7 @@ class SD3(Family):
         `shapes_only`: params are shapes from the configs alone, which for the SD3.5 hub ids
         ship with jaxcond; without tokenizer vocabularies the token ids are zeros."""
         _quiet_deprecations()
-        patch_flax_t5()
+        t5.patch_flax_t5()
         from transformers import CLIPTokenizer, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5TokenizerFast
 
         if shapes_only:
@@ -178,7 +144,7 @@ class SD3(Family):
         missing = [sub for sub in PARTS if not os.path.isdir(os.path.join(path, sub))]
         if missing:
             raise ConfigError(f"config.model.source = {source!r} has no {', '.join(s + '/' for s in missing)}: the "
-                              f"sd3 family loads a diffusers-format SD3 folder ({', '.join(PARTS)})")
+                              f"sd3 family loads a diffusers-format SD3 folder ({', '.join(PARTS)}, vae)")
         self.path, self.dtype, self.remat, self.frozen_dtype = path, dtype, remat, frozen_dtype
         self.config, clip_l, clip_g, t5_width = _check_parts(source, path, clip_skip)
         self.clip_skip, weights = clip_skip, not shapes_only
@@ -192,10 +158,12 @@ class SD3(Family):
         for name in CLIPS:
             self.text_models[name], self.frozen[name] = load.transformers_part(
                 FlaxCLIPTextModelWithProjection, os.path.join(path, name), dtype, weights=weights)
-        t5_tensors = t5_from_pytorch(load.pytorch_tensors(os.path.join(path, T5), "transformers")) if weights else None
+        t5_tensors = t5.from_pytorch(load.pytorch_tensors(os.path.join(path, T5), "transformers")) if weights else None
         self.text_models[T5], self.frozen[T5] = load.transformers_part(FlaxT5EncoderModel, os.path.join(path, T5),
                                                                        dtype, t5_tensors, weights)
-        self._load_vae(os.path.join(path, "vae"), dtype, weights)
+        self.latent = os.path.isdir(os.path.join(path, "vae"))
+        if self.latent:
+            self._load_vae(os.path.join(path, "vae"), dtype, weights)
 
         self.tokenizers = []
         if weights or os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
@@ -214,7 +182,7 @@ class SD3(Family):
             self.frozen = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if isinstance(x, jax.ShapeDtypeStruct)
                 else jnp.asarray(x, jnp.bfloat16), self.frozen)
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.latent else 1
         c = self.config
         self.sample_shape = (c.in_channels, c.sample_size, c.sample_size)
         self.image_size = c.sample_size * vae_factor
@@ -309,7 +277,10 @@ class SD3(Family):
         return out.astype(jnp.float32)
 
     def image_moments(self, frozen: Params, images: jax.Array) -> jax.Array:
-        """The VAE encoder's mean and std stacked on channels, NCHW [B, 2C, h, w] (unscaled)."""
+        """The VAE encoder's mean and std stacked on channels, NCHW [B, 2C, h, w] (unscaled);
+        pixel-space: x0 itself."""
+        if not self.latent:
+            return self.images_to_x0(frozen, images)
         from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
 
         def encode(m, x):
@@ -321,11 +292,15 @@ class SD3(Family):
         return jnp.transpose(jnp.concatenate([dist.mean, dist.std], axis=-1).astype(jnp.float32), (0, 3, 1, 2))
 
     def draw_x0(self, moments: jax.Array, key: jax.Array) -> jax.Array:
+        if not self.latent:
+            return moments
         mean, std = jnp.split(moments, 2, axis=1)
         return (mean + std * jax.random.normal(key, mean.shape) - self.shift) * self.scale
 
     def images_to_x0(self, frozen: Params, images: jax.Array) -> jax.Array:
-        """The VAE's mean, shifted and scaled."""
+        """The VAE's mean, shifted and scaled; pixel-space: pixels in [-1, 1], NCHW."""
+        if not self.latent:
+            return jnp.transpose(images.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
         mean = jnp.split(self.image_moments(frozen, images), 2, axis=1)[0]
         return (mean - self.shift) * self.scale
 
@@ -333,13 +308,19 @@ class SD3(Family):
         def decode(m, z):
             return m.decoder(m.post_quant_conv(z) if self.quant["post_quant_conv"] else z, deterministic=True)
 
-        z = jnp.transpose(x0 / self.scale + self.shift, (0, 2, 3, 1)).astype(self.dtype)
-        x = self.vae.apply({"params": frozen["vae"]}, z, method=decode).astype(jnp.float32)
+        if self.latent:
+            z = jnp.transpose(x0 / self.scale + self.shift, (0, 2, 3, 1)).astype(self.dtype)
+            x = self.vae.apply({"params": frozen["vae"]}, z, method=decode).astype(jnp.float32)
+        else:
+            x = jnp.transpose(x0, (0, 2, 3, 1)).astype(jnp.float32)
         return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
     def save(self, path: str, trainable: Params) -> None:
         """A folder StableDiffusion3Pipeline loads: the transformer in diffusers' PyTorch
         layout, every other part copied from the source as it is there (they are frozen)."""
+        if not self.latent:
+            raise ConfigError(f"{self.path} is a pixel-space SD3 (no vae/), which StableDiffusion3Pipeline cannot "
+                              "run; sample it with jaxcond sample --run instead of exporting")
         folder = os.path.join(path, "transformer")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -356,8 +337,8 @@ class SD3(Family):
 
     def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:
         """StableDiffusion3Pipeline (it has no force_zeros setting: pass zero negative
-        embeddings for zeros nulls, see jaxcond.json)."""
-        return model_index()
+        embeddings for zeros nulls, see jaxcond.json); none runs a pixel-space one."""
+        return model_index() if self.latent else None
 
     def encoding_key(self) -> dict:
         key = {"clip_skip": self.clip_skip, "t5_max_length": self.t5_max_length, "dtype": jnp.dtype(self.dtype).name,

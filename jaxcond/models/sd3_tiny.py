@@ -6,7 +6,9 @@ channels and SD3's shift and scale, the three tokenizers, `scheduler/`, `model_i
 every part in PyTorch safetensors: jaxcond's sd3 family and diffusers' PyTorch
 StableDiffusion3Pipeline both load it, so tests compare the two on the same files. The
 CLIP tokenizers are the demo's (a BPE learned from the demo captions' words), the T5 one a
-Unigram model over the same words with single-character fallbacks.
+Unigram model over the same words with single-character fallbacks. Without a VAE
+(`latent=False`) the folder is a pixel-space SD3, which only jaxcond runs: the CPU demo's
+model (jaxcond.models.sd3_demo).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcond.data import demo as demo_data
-from jaxcond.models import convert, demo, mmdit_convert, sd3
+from jaxcond.models import convert, demo, mmdit_convert, sd3, t5 as t5_lib
 from jaxcond.models.family import DIFFUSERS_VERSION
 from jaxcond.models.mmdit import MMDiT, MMDiTConfig
 from jaxcond.models.unet_clip import _quiet_deprecations
@@ -29,7 +31,7 @@ from jaxcond.models.unet_clip import _quiet_deprecations
 # + CLIP-G fit in T5's width (as 768 + 1280 <= 4096), their projections make the pooled width.
 TINY = {"clip_l_width": 16, "clip_g_width": 32, "clip_layers": 2, "clip_heads": 2, "t5_width": 64, "t5_layers": 2,
         "t5_heads": 4, "t5_ff": 96, "layers": 2, "heads": 2, "head_dim": 16, "pos_embed_max_size": 16,
-        "dual_attention_layers": (0,), "qk_norm": "rms_norm", "vae_channels": (32, 32)}
+        "dual_attention_layers": (0,), "qk_norm": "rms_norm", "vae_channels": (32, 32), "patch_size": 2}
 CLIP_LENGTH = 77  # what StableDiffusion3Pipeline tokenizes CLIP captions to
 
 
@@ -59,12 +61,13 @@ def _write_pytorch(folder: str, tensors: dict, stem: str) -> None:
                               {k: np.asarray(v) for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
-def build_tiny(path: str, resolution: int = 16, seed: int = 0, **sizes) -> None:
+def build_tiny(path: str, resolution: int = 16, seed: int = 0, latent: bool = True, **sizes) -> None:
     """Writes a randomly initialised tiny SD3 folder for `resolution`-pixel images (a
-    multiple of 2 * 2 ** (len(vae_channels) - 1)); `sizes` override TINY's."""
+    multiple of patch_size * 2 ** (len(vae_channels) - 1)); `sizes` override TINY's. `latent=False`:
+    no vae/, a pixel-space transformer (3 channels in and out): a random VAE is no
+    autoencoder, so only pixels let the demo's scorer read what the model draws."""
     _quiet_deprecations()
-    sd3.patch_flax_t5()
-    from diffusers import FlaxAutoencoderKL
+    t5_lib.patch_flax_t5()
     from transformers import CLIPTextConfig, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5Config
 
     s = {**TINY, **sizes}
@@ -92,11 +95,41 @@ def build_tiny(path: str, resolution: int = 16, seed: int = 0, **sizes) -> None:
     t5 = FlaxT5EncoderModel(t5_cfg, _do_init=False)
     t5_cfg.save_pretrained(os.path.join(path, sd3.T5))
     _write_pytorch(os.path.join(path, sd3.T5),
-                   sd3.t5_to_pytorch(convert.to_pytorch(demo._init(t5, seed + 2, t5.input_shape))), "model")
+                   t5_lib.to_pytorch(convert.to_pytorch(demo._init(t5, seed + 2, t5.input_shape))), "model")
 
-    n = len(s["vae_channels"])
+    if latent:
+        _write_vae(path, resolution, seed, s["vae_channels"])
+    channels, side = (16, resolution // 2 ** (len(s["vae_channels"]) - 1)) if latent else (3, resolution)
+    config = MMDiTConfig(sample_size=side, patch_size=s["patch_size"], in_channels=channels, num_layers=s["layers"],
+                         attention_head_dim=s["head_dim"], num_attention_heads=s["heads"],
+                         joint_attention_dim=s["t5_width"], caption_projection_dim=s["heads"] * s["head_dim"],
+                         pooled_projection_dim=s["clip_l_width"] + s["clip_g_width"], out_channels=channels,
+                         pos_embed_max_size=s["pos_embed_max_size"], dual_attention_layers=s["dual_attention_layers"],
+                         qk_norm=s["qk_norm"])
+    args = (jnp.zeros((1, channels, side, side)), jnp.zeros((1, 1, config.joint_attention_dim)),
+            jnp.zeros((1, config.pooled_projection_dim)), jnp.zeros((1,)))
+    params = jax.jit(MMDiT(config).init)(jax.random.key(seed + 4), *args)["params"]
+    os.makedirs(os.path.join(path, "transformer"))
+    with open(os.path.join(path, "transformer", "config.json"), "w") as f:
+        json.dump({**config.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION}, f, indent=2)
+    _write_pytorch(os.path.join(path, "transformer"), mmdit_convert.to_diffusers(jax.device_get(params), config),
+                   "diffusion_pytorch_model")
+
+    os.makedirs(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sd3.scheduler_config(), f, indent=2)
+    if latent:  # the pipeline runs only a folder with a VAE
+        with open(os.path.join(path, "model_index.json"), "w") as f:
+            json.dump(sd3.model_index(), f, indent=2)
+
+
+def _write_vae(path: str, resolution: int, seed: int, channels: tuple[int, ...]) -> None:
+    """SD3's VAE layout (16 latent channels, no quant convs, shift and scale), random."""
+    from diffusers import FlaxAutoencoderKL
+
+    n = len(channels)
     vae_cfg = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * n,
-               "up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": list(s["vae_channels"]),
+               "up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": list(channels),
                "layers_per_block": 1, "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 32,
                "sample_size": resolution}
     vae = FlaxAutoencoderKL(**vae_cfg)
@@ -109,25 +142,3 @@ def build_tiny(path: str, resolution: int = 16, seed: int = 0, **sizes) -> None:
                    "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False,
                    "mid_block_add_attention": True}, f, indent=2)
     _write_pytorch(os.path.join(path, "vae"), convert.to_pytorch(params), "diffusion_pytorch_model")
-
-    latent = resolution // 2 ** (n - 1)
-    config = MMDiTConfig(sample_size=latent, patch_size=2, in_channels=16, num_layers=s["layers"],
-                         attention_head_dim=s["head_dim"], num_attention_heads=s["heads"],
-                         joint_attention_dim=s["t5_width"], caption_projection_dim=s["heads"] * s["head_dim"],
-                         pooled_projection_dim=s["clip_l_width"] + s["clip_g_width"], out_channels=16,
-                         pos_embed_max_size=s["pos_embed_max_size"], dual_attention_layers=s["dual_attention_layers"],
-                         qk_norm=s["qk_norm"])
-    args = (jnp.zeros((1, 16, latent, latent)), jnp.zeros((1, 1, config.joint_attention_dim)),
-            jnp.zeros((1, config.pooled_projection_dim)), jnp.zeros((1,)))
-    params = jax.jit(MMDiT(config).init)(jax.random.key(seed + 4), *args)["params"]
-    os.makedirs(os.path.join(path, "transformer"))
-    with open(os.path.join(path, "transformer", "config.json"), "w") as f:
-        json.dump({**config.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION}, f, indent=2)
-    _write_pytorch(os.path.join(path, "transformer"), mmdit_convert.to_diffusers(jax.device_get(params), config),
-                   "diffusion_pytorch_model")
-
-    os.makedirs(os.path.join(path, "scheduler"))
-    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(sd3.scheduler_config(), f, indent=2)
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump(sd3.model_index(), f, indent=2)

@@ -1,0 +1,86 @@
+"""The SD3-shaped demo: a tiny pixel-space SD3 with each text encoder dropped on its own.
+
+The SD3/3.5 recipe of configs/sd35_medium.py (rectified flow, one dropout group per text
+encoder at 0.464, zeros nulls) on the demo's 32x32 procedural shapes, with a tiny random
+MMDiT, CLIP-L, CLIP-G and T5 built locally (jaxcond/models/sd3_demo.py, no download). The
+encoders stay frozen and random, as SD3 fine-tuning keeps its encoders. Because every
+encoder was dropped alone in training, the model can be sampled without T5 (or without
+the CLIPs) as well as with all three:
+
+    jaxcond train --config configs/demo_sd3.py --workdir runs/demo_sd3
+    jaxcond sample --run runs/demo_sd3 --prompt "a red circle on a blue background" --without t5
+    python benchmarks/sd3_demo.py --workdir runs/sd3_demo_bench  # scores all four ways
+
+On 2 CPU cores a step takes ~0.45 s when the machine is otherwise idle (~13 minutes for the
+run, model build, compile and final evaluation included); the benchmark measured 22.7
+minutes on a machine shared with other work (load average 4-6). What to expect at these
+sizes and 1500 steps (docs/results.md, "SD3-shaped demo: sampling without T5"): the model
+has not learned to draw shapes yet (blocky 4x4-pixel patches in palette colours), and
+follows the caption's colours only weakly (background right in ~16-19 of 60 held-out
+samples, chance 10); without T5 it falls to chance, without both CLIPs it keeps what it
+has, so at this stage the caption reaches it through T5. More steps or a larger model are
+the untried next step.
+
+Everything not set here is configs/base.py's field (and comment).
+"""
+
+import os
+
+import ml_collections
+
+from jaxcond.config import from_file
+
+# One dropout group per text encoder: its per-token states and its half of the pooled vector.
+ENCODER_GROUPS = {"clip_l": ("clip_l", "pooled_l"), "clip_g": ("clip_g", "pooled_g"), "t5": ("t5",)}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = from_file(os.path.join(os.path.dirname(__file__), "base.py"))
+
+    # --- Model -------------------------------------------------------------------------------
+    c.model.family = "sd3_demo"  # jaxcond/models/sd3_demo.py: the sd3 family on a folder it builds.
+    # "demo" builds the tiny model from model.sd3_demo below into <workdir>/base_model; a folder
+    # path loads an earlier build.
+    c.model.source = "demo"
+    c.model.clip_skip = 1  # The CLIP encoders' penultimate layer, SD3's own.
+    c.model.t5_max_length = 16  # T5 tokens per caption; demo captions need at most 9 (CLIP: 77, SD3's).
+    # The sd3_demo family's own fields: the size of the model it builds (all integers >= 1).
+    c.model.sd3_demo = ml_collections.ConfigDict()
+    # Pixels per patch side (SD3: 2 latent pixels, i.e. 16 image pixels); image tokens are
+    # (resolution / patch_size) ** 2 and image sides multiples of it.
+    c.model.sd3_demo.patch_size = 4
+    c.model.sd3_demo.layers = 4  # MMDiT joint blocks.
+    c.model.sd3_demo.heads = 4  # Attention heads of the MMDiT.
+    c.model.sd3_demo.head_dim = 16  # Width per head; the MMDiT's width is heads * head_dim.
+    c.model.sd3_demo.clip_l_width = 32  # CLIP-L's hidden size (and its pooled projection's).
+    c.model.sd3_demo.clip_g_width = 48  # CLIP-G's hidden size (and its pooled projection's).
+    c.model.sd3_demo.t5_width = 96  # T5's width, >= clip_l_width + clip_g_width (the joint context's).
+    c.model.sd3_demo.text_layers = 2  # Transformer layers of each text encoder.
+    c.model.sd3_demo.text_heads = 2  # Attention heads of each text encoder; divides every text width.
+    c.model.sd3_demo.init_seed = 0  # Seed of the random "pretrained" weights (>= 0).
+
+    # --- Data --------------------------------------------------------------------------------
+    c.data.source = "demo"  # The procedural shapes (jaxcond.data.demo), sized by data.num_records.
+    c.data.resolution = 32  # 8x8 patches of 4x4 pixels: the image tokens of the joint attention.
+
+    # --- Dropout: SD3's, one group per encoder -------------------------------------------------
+    groups = ml_collections.ConfigDict()
+    for name, members in ENCODER_GROUPS.items():
+        groups[name] = ml_collections.ConfigDict(c.dropout.groups.caption.to_dict())
+        groups[name].members = members
+        groups[name].rate = 0.464  # Independent per encoder; all three at once 0.464 ** 3 = 10%.
+    c.dropout.groups = groups
+    # Zeros, what StableDiffusion3Pipeline feeds for a missing encoder.
+    c.dropout.nulls = ml_collections.ConfigDict({name: "zeros" for name in
+                                                 ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")})
+
+    # --- Objective: rectified flow, as SD3 -----------------------------------------------------
+    c.diffusion.objective = "flow"
+    # SD3 shifts toward high noise for 1024-pixel images; 32 pixels need no shift.
+    c.diffusion.flow_shift = 1.0
+    c.diffusion.snr_gamma = 0.0  # Min-SNR is DDPM's weighting; flow's is diffusion.flow_weighting.
+
+    # --- Training: from scratch, base.py's optimizer ------------------------------------------
+    c.train.steps = 1500  # ~0.45 s each on 2 shared CPU cores.
+    c.sample.scheduler = "euler"  # Flow matching samples with Euler steps.
+    return c
