@@ -7,7 +7,7 @@ trained) and 1 (the captions never seen). Prints, per run, the validation loss, 
 gap with its standard error over examples, the gap relative to the loss and the per-band
 gaps at each evaluation, then the final caption adherence of the held-out-combination samples (the scorer's numbers)
 beside the final gap, as markdown tables; writes them to <workdir>/results.json (a rerun with
-that file prints the tables again).
+that file prints the tables again; a rate whose run finished is not trained again).
 
     python benchmarks/caption_gap.py [--workdir runs/caption_gap] [--config.field=value ...]
 """
@@ -67,9 +67,13 @@ def main() -> int:
         for g in c.dropout.groups.values():
             g.rate = rate
         run = os.path.join(workdir, f"rate{rate:g}")
-        out = train(c, run, progress=False)
-        evals = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "val/loss" in r]
-        results[f"{rate:g}"] = {"evals": evals, "scores": out["scores"]}
+        done = os.path.join(run, "caption_gap.json")  # a finished rate is not trained again
+        if not os.path.exists(done):
+            out = train(c, run, progress=False)
+            evals = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "val/loss" in r]
+            with open(done, "w") as f:
+                json.dump({"evals": evals, "scores": out["scores"]}, f)
+        results[f"{rate:g}"] = json.load(open(done))
     with open(saved, "w") as f:
         json.dump(results, f, indent=2)
     print(render(results, time.time() - t0))

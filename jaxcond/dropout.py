@@ -21,7 +21,9 @@ A dropped conditioner is replaced by its *null*: `empty` (the encoding of the em
 caption by the current text-encoder params), `zeros`, or `learned` (a trainable
 parameter initialised from the empty encoding). Dropout is a training-only operation:
 validation and sampling never draw masks; their unconditional branch is what a training
-example saw with every group that training drops (`Group.drops`) dropped.
+example saw with its caption dropped: every group holding a text conditioner replaced by
+its null, and a group of data-supplied conditioners (SDXL's size and crop) only if
+training drops it (`unconditional_groups`).
 """
 
 from __future__ import annotations
@@ -62,10 +64,20 @@ class Group:
 
     @property
     def drops(self) -> bool:
-        """Whether training ever drops this group (some step's rate is above 0). Only such
-        groups' nulls are trained, so only they are replaced in sampling's unconditional
-        branch; a group at rate 0 (SDXL's size conditioning) keeps its real values there."""
+        """Whether training ever drops this group (some step's rate is above 0): only then
+        are its nulls trained."""
         return self.rate > 0 or (self.schedule == "every_n_epochs" and self.epoch_rate > 0)
+
+
+def unconditional_groups(groups: Sequence[Group], batch_conditioners: Iterable[str]) -> list[Group]:
+    """The groups the unconditional branch of guidance (and the validation caption gap)
+    replaces by their nulls: every group with a text conditioner, at any rate (a model
+    trained at rate 0 gets its untrained null there, as every pipeline gives it one: that
+    is why guidance needs dropout), and a group of data-supplied conditioners only if
+    training drops it (SDXL's size conditioning at rate 0 keeps its real values, as
+    diffusers' pipelines keep them)."""
+    data = set(batch_conditioners)
+    return [g for g in groups if g.drops or any(m not in data for m in g.members)]
 
 
 def group_id(name: str) -> int:

@@ -19,7 +19,7 @@ import tempfile
 
 import jax
 
-from jaxcond import flow, outputs, rundir, storage
+from jaxcond import dropout, flow, outputs, rundir, storage
 from jaxcond.checks import ConfigError
 from jaxcond.models import convert
 from jaxcond.models.family import DIFFUSERS_VERSION
@@ -156,9 +156,10 @@ def _write(t: rundir.Trained, params: dict, out: str, name: str | None, weights:
         t.family.save(out, params["model"])
         if name:
             t.family.save_single_file(os.path.join(out, name), params["model"])
-    # The unconditional branch replaces the conditioners of the groups training drops; the
-    # others (e.g. SDXL's size conditioning at rate 0) keep their real values.
-    dropped = {m for g in t.spec.groups if g.drops for m in g.members}
+    # The unconditional branch replaces the caption's conditioners; data-supplied ones at
+    # rate 0 (SDXL's size conditioning) keep their real values.
+    dropped = {m for g in dropout.unconditional_groups(t.spec.groups, t.family.batch_conditioners)
+               for m in g.members}
     nulls = {c: kind for c, kind in t.spec.nulls if c in dropped}
     learned = {c: v for c, v in params["nulls"].items() if c in nulls}
     if learned:

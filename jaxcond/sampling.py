@@ -1,10 +1,10 @@
 """Sampling with classifier-free guidance; the unconditional branch uses the trained nulls.
 
 Never applies dropout: the conditional branch sees the real caption encodings, the
-unconditional branch has every conditioner of every dropout group that training drops
-(rate above 0 at some step) replaced by its null, exactly the substitution a dropped
-training example got; a group at rate 0, such as SDXL's size and crop conditioning,
-keeps its real values, as diffusers' pipelines keep them. With a negative prompt, that
+unconditional branch has the caption's conditioners replaced by their nulls, exactly the
+substitution a dropped training example got (`dropout.unconditional_groups`: a group of
+data-supplied conditioners at rate 0, such as SDXL's size and crop conditioning, keeps
+its real values, as diffusers' pipelines keep them). With a negative prompt, that
 prompt's encoding replaces the nulls, as diffusers' pipelines do.
 
 Schedulers, all on the same 'trailing' grid of training timesteps (the first step at
@@ -75,9 +75,9 @@ def with_nulls(family: Family, spec: StepSpec, params: Params, frozen: Params, c
 
 def unconditional(family: Family, spec: StepSpec, params: Params, frozen: Params,
                   cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """`cond` as a training example saw it with every group that training drops dropped
-    (`dropout.Group.drops`); a group at rate 0 keeps its real values."""
-    return with_nulls(family, spec, params, frozen, cond, [g.name for g in spec.groups if g.drops])
+    """`cond` as the unconditional branch sees it (`dropout.unconditional_groups`)."""
+    groups = dropout.unconditional_groups(spec.groups, family.batch_conditioners)
+    return with_nulls(family, spec, params, frozen, cond, [g.name for g in groups])
 
 
 def check_drop(spec: StepSpec, drop: Sequence[str]) -> None:

@@ -11,10 +11,12 @@ the run's seed, the example and the band, never by the training step:
 so two evaluations of the same params give the same numbers, two checkpoints are
 compared on the same noise, and evaluating touches no training stream. Per example and
 band it computes the training loss (same weighting) twice: with the caption (`loss`)
-and with every dropout group that training drops replaced by its null, exactly what
-the unconditional branch of guidance sees (`loss_null`). Their difference,
-`caption_gap = loss_null - loss`, is how much the model uses its captions: near zero
-for a model that never saw them, growing as it learns to follow them.
+and with the caption's conditioners replaced by their nulls, exactly what the
+unconditional branch of guidance sees (`loss_null`, `dropout.unconditional_groups`).
+Their difference, `caption_gap = loss_null - loss`, is how much the model uses its
+captions. It is positive for a model trained with caption dropout; a model trained at
+rate 1 scores worse with captions it never saw (a negative gap), one trained at rate 0
+better with them than with a null it never saw (docs/results.md, "The caption gap").
 """
 
 from __future__ import annotations

@@ -174,3 +174,11 @@ def test_micro_batches_partition_the_global_batch():
     assert micro.shape == (4, 4)
     assert sorted(micro.ravel().tolist()) == list(range(16))
     assert (micro % 4 == np.arange(4)[:, None]).all()
+
+
+def test_the_unconditional_branch_drops_the_caption_at_any_rate_and_size_conditioning_only_if_trained():
+    caption0 = dropout.Group("caption", ("text", "pooled"), 0.0)
+    micro0, micro = dropout.Group("micro", ("time_ids",), 0.0), dropout.Group("micro", ("time_ids",), 0.1)
+    names = lambda groups: [g.name for g in dropout.unconditional_groups(groups, ("time_ids",))]  # noqa: E731
+    assert names([caption0, micro0]) == ["caption"]  # rate 0: the untrained null, as pipelines give it
+    assert names([caption0, micro]) == ["caption", "micro"]
