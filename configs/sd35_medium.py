@@ -35,8 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     # T5 tokens per caption, in [1, 512]; the pipeline's max_sequence_length (its default 256).
     c.model.t5_max_length = 256
     c.model.train_text_encoder = False  # The sd3 family trains the transformer only.
-    # Rematerialisation: none | full (the whole transformer recomputed in the backward pass).
-    c.model.remat = "full"
+    # Rematerialisation: none | layers (each joint block recomputed in the backward pass, and
+    # gathering its FSDP-sharded params there again) | full (the whole transformer recomputed).
+    c.model.remat = "layers"
     # Frozen encoders and VAE in bfloat16: T5-XXL alone is 19 GB in float32.
     c.model.frozen_dtype = "bfloat16"
 

@@ -281,7 +281,7 @@ def _model(**fields) -> ml_collections.ConfigDict:
     ({"t5_max_length": 513}, r"config.model.t5_max_length = 513"),
     ({"clip_skip": 0}, r"config.model.clip_skip = 0: must be an integer >= 1"),
     ({"train_text_encoder": True}, r"config.model.train_text_encoder = True: fine-tuning the text encoders is not"),
-    ({"remat": "layers"}, r"config.model.remat = 'layers': must be one of \('none', 'full'\)"),
+    ({"remat": "blocks"}, r"config.model.remat = 'blocks': must be one of \('none', 'layers', 'full'\)"),
     ({"frozen_dtype": "float16"}, r"config.model.frozen_dtype = 'float16'"),
     ({"lora": ml_collections.ConfigDict({"rank": 16})}, r"config.model.lora.rank = 16: LoRA is not implemented"),
     ({"source": "sd35.safetensors"}, r"config.model.source = 'sd35.safetensors': the sd3 family loads a diffusers"),
@@ -329,3 +329,35 @@ def test_the_three_encoders_cached_train_as_from_files(folder, family, image_fol
     np.testing.assert_allclose([h["loss"] for h in runs["cache"]], [h["loss"] for h in runs["files"]], rtol=1e-5)
     masks = [open(tmp_path / name / "masks.jsonl").read() for name in ("files", "cache")]
     assert masks[0] == masks[1] and all(f'"{g}"' in masks[0] for g in ("clip_l", "clip_g", "t5"))
+
+
+def test_remat_gives_the_same_loss_and_gradients_and_each_block_gathers_its_own_params(folder, family, encoded):
+    """`model.remat` layers / full: same loss and gradients to float rounding. Under FSDP
+    (`sharding.gathering`) each joint block's params are gathered inside the block, inside
+    its recomputed region with `layers`, so the step never holds the whole MMDiT gathered."""
+    from jaxcond import sharding
+
+    cond, _ = encoded
+    x, t = (jnp.asarray(a) for a in latents_and_timesteps(family, seed=1))
+
+    def loss(fam, p):
+        return jnp.mean(fam.denoise({**fam.frozen, "transformer": p}, x, t, cond) ** 2)
+
+    want, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(family, p)))(family.trainable["transformer"])
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
+    for policy in ("layers", "full"):
+        fam = sd3.SD3(folder, t5_max_length=T5_LENGTH, remat=policy)
+        params = jax.device_put(fam.trainable["transformer"], sharding.param_shardings(mesh, fam.trainable, 0)["transformer"])
+
+        def gathered(p, fam=fam):
+            with sharding.gathering(sharding.replicated(mesh)):
+                return loss(fam, p)
+
+        got, grads = jax.jit(jax.value_and_grad(gathered))(params)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads, want_grads)
+        jaxpr = str(jax.make_jaxpr(gathered)(params))
+        blocks = fam.config.num_layers
+        if policy == "layers":  # one remat region per block, each opening with its own gathers
+            assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= blocks, policy
+        assert jaxpr.count("sharding_constraint") >= blocks, policy

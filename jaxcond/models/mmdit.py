@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcond import sharding
+
 _EPS = 1e-6  # every layer norm and RMS norm of the model
 _TIME_CHANNELS = 256  # width of the timestep sinusoid
 
@@ -321,10 +323,16 @@ class MMDiT(nn.Module):
     """SD3Transformer2DModel.forward: (latents [B, C, H, W], text hidden states [B, L,
     joint_attention_dim], pooled text [B, pooled_projection_dim], timestep [B]) ->
     [B, out_channels, H, W]. H and W must be multiples of patch_size, with at most
-    pos_embed_max_size patches per side."""
+    pos_embed_max_size patches per side.
+
+    `remat_layers`: each joint block is recomputed in the backward pass (`model.remat =
+    layers`). Inside `sharding.gathering` each block gathers its own params where it runs
+    (inside the recomputed region), so an FSDP step never holds the whole transformer
+    gathered; the caller gathers the params outside the blocks."""
 
     config: MMDiTConfig
     dtype: jnp.dtype = jnp.float32
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array,
@@ -336,8 +344,13 @@ class MMDiT(nn.Module):
         temb = TimeTextEmbed(dim, dt, name="time_text_embed")(timestep, pooled_projections)
         context = nn.Dense(c.caption_projection_dim, dtype=dt, name="context_embedder")(encoder_hidden_states)
 
+        block_cls = JointTransformerBlock
+        if sharding.gathering_active():
+            block_cls = nn.map_variables(block_cls, "params", trans_in_fn=sharding.gather, init=False, mutable=False)
+        if self.remat_layers:
+            block_cls = nn.remat(block_cls)
         for i in range(c.num_layers):
-            block = JointTransformerBlock(c.num_attention_heads, c.attention_head_dim, c.qk_norm,
+            block = block_cls(c.num_attention_heads, c.attention_head_dim, c.qk_norm,
                                           context_pre_only=i == c.num_layers - 1,
                                           dual_attention=i in c.dual_attention_layers, dtype=dt,
                                           name=f"transformer_blocks_{i}")

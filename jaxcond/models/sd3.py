@@ -45,6 +45,8 @@ CLIPS = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G
 T5 = "text_encoder_3"
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 PARTS = ("transformer", *CLIPS, T5, *TOKENIZERS)  # and vae/, or the model is pixel-space
+REMAT = ("none", "layers", "full")  # model.remat: nothing, each joint block, the whole MMDiT recomputed
+BLOCKS = "transformer_blocks_"  # param names of the joint blocks, which gather their own params
 CONDITIONERS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
 MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses a longer max_sequence_length
 # The config files (no weights, no tokenizer vocabularies) of these hub models ship with
@@ -129,7 +131,8 @@ class SD3(Family):
         """`source`: a diffusers-format folder or hub id. `clip_skip`: 1 = the CLIP encoders'
         penultimate layer (the pipeline's clip_skip=None), 2 = the one before (its clip_skip=1), ...
         `t5_max_length`: T5 tokens per caption (the pipeline's max_sequence_length).
-        `remat`: none | full (the whole MMDiT recomputed in the backward pass).
+        `remat`: none | layers (each joint block recomputed in the backward pass, where it
+        also gathers its FSDP-sharded params again) | full (the whole MMDiT recomputed).
         `shapes_only`: params are shapes from the configs alone, which for the SD3.5 hub ids
         ship with jaxcond; without tokenizer vocabularies the token ids are zeros."""
         _quiet_deprecations()
@@ -148,7 +151,7 @@ class SD3(Family):
         self.path, self.dtype, self.remat, self.frozen_dtype = path, dtype, remat, frozen_dtype
         self.config, clip_l, clip_g, t5_width = _check_parts(source, path, clip_skip)
         self.clip_skip, weights = clip_skip, not shapes_only
-        self.transformer = MMDiT(self.config, dtype=dtype)
+        self.transformer = MMDiT(self.config, dtype=dtype, remat_layers=remat == "layers")
         if weights:
             tensors = load.pytorch_tensors(os.path.join(path, "transformer"), "diffusers")
             params = mmdit_convert.from_diffusers(tensors, self.config, source=os.path.join(path, "transformer"))
@@ -218,7 +221,7 @@ class SD3(Family):
               f"must be an integer in [1, {MAX_T5_LENGTH}] (StableDiffusion3Pipeline's max_sequence_length)")
         check(model.get("train_text_encoder", False) is False, "model.train_text_encoder",
               model.get("train_text_encoder"), "fine-tuning the text encoders is not implemented for sd3; set False")
-        one_of("model.remat", model.get("remat", "none"), ("none", "full"))
+        one_of("model.remat", model.get("remat", "none"), REMAT)
         one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
         rank = model.lora.get("rank", 0) if "lora" in model else 0
         check(rank == 0, "model.lora.rank", rank, "LoRA is not implemented for sd3; set 0 (a full fine-tune)")
@@ -273,7 +276,9 @@ class SD3(Family):
 
         if self.remat == "full":
             apply = jax.checkpoint(apply)
-        out = apply(sharding.gather(params["transformer"]), x_t.astype(self.dtype), context, pooled)
+        # The joint blocks gather their own params, one at a time (MMDiT); the rest here.
+        p = {k: v if k.startswith(BLOCKS) else sharding.gather(v) for k, v in params["transformer"].items()}
+        out = apply(p, x_t.astype(self.dtype), context, pooled)
         return out.astype(jnp.float32)
 
     def image_moments(self, frozen: Params, images: jax.Array) -> jax.Array:
