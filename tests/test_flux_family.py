@@ -282,7 +282,7 @@ def _model(**fields) -> ml_collections.ConfigDict:
     ({"flux_guidance": -1.0}, r"config.model.flux_guidance = -1.0: must be a number >= 0"),
     ({"clip_skip": 2}, r"config.model.clip_skip = 2: Flux reads CLIP's pooled output"),
     ({"train_text_encoder": True}, r"config.model.train_text_encoder = True: fine-tuning the text encoders is not"),
-    ({"remat": "layers"}, r"config.model.remat = 'layers': must be one of \('none', 'full'\)"),
+    ({"remat": "blocks"}, r"config.model.remat = 'blocks': must be one of \('none', 'layers', 'full'\)"),
     ({"frozen_dtype": "float16"}, r"config.model.frozen_dtype = 'float16'"),
     ({"lora": ml_collections.ConfigDict({"rank": 16})}, r"config.model.lora.rank = 16: LoRA is not implemented"),
     ({"source": "flux1-dev.safetensors"}, r"config.model.source = 'flux1-dev.safetensors': the flux family loads"),
@@ -315,3 +315,34 @@ def test_bad_folders_and_settings_are_one_line_config_errors(folder, tmp_path):
     assert "CLIP pools 20 features but the transformer's pooled_projection_dim is 40" in message
     assert "the VAE makes 16 channels, 2x2 patches of which are 64, but the transformer takes 32" in message
     refused(r"config.data.resolution = 18: Flux's images have sides that are multiples of 4", folder, resolution=18)
+
+
+def test_remat_gives_the_same_loss_and_gradients_and_each_block_gathers_its_own_params(folder, family):
+    """As tests/test_sd3.py's: `model.remat` layers / full under an 8-way FSDP mesh."""
+    from jaxcond import sharding
+
+    cond = encode(family)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 8, 8)).astype(np.float32))
+    t = jnp.array([999.0, 37.5])
+
+    def loss(fam, p):
+        return jnp.mean(fam.denoise({**fam.frozen, "transformer": p}, x, t, cond) ** 2)
+
+    want, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(family, p)))(family.trainable["transformer"])
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
+    for policy in ("layers", "full"):
+        fam = flux_family.FluxFamily(folder, t5_max_length=T5_LENGTH, resolution=RESOLUTION, remat=policy)
+        params = jax.device_put(fam.trainable["transformer"], sharding.param_shardings(mesh, fam.trainable, 0)["transformer"])
+
+        def gathered(p, fam=fam):
+            with sharding.gathering(sharding.replicated(mesh)):
+                return loss(fam, p)
+
+        got, grads = jax.jit(jax.value_and_grad(gathered))(params)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads, want_grads)
+        jaxpr = str(jax.make_jaxpr(gathered)(params))
+        blocks = fam.config.num_layers + fam.config.num_single_layers
+        if policy == "layers":
+            assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= blocks, policy
+        assert jaxpr.count("sharding_constraint") >= blocks, policy

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxcond.models.mmdit import (
     FeedForward,
+    layer_class,
     Modulation,
     RMSNorm,
     TwoLayerMLP,
@@ -268,10 +269,12 @@ class Flux(nn.Module):
     in [0, 1]: FluxPipeline passes t / 1000 and the model multiplies by 1000), img_ids [S, 3],
     txt_ids [L, 3], guidance [B] (the guidance scale itself, e.g. 3.5; required exactly when
     `guidance_embeds`)) -> [B, S, patch_size^2 * out_channels], the flow prediction as packed
-    tokens. A scalar timestep or guidance applies to the whole batch."""
+    tokens. A scalar timestep or guidance applies to the whole batch. `remat_layers` and
+    per-block FSDP gathers: as `mmdit.layer_class`."""
 
     config: FluxConfig
     dtype: jnp.dtype = jnp.float32
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array,
@@ -292,12 +295,14 @@ class Flux(nn.Module):
         rope = (jnp.cos(angles), jnp.sin(angles))
 
         heads, head_dim = c.num_attention_heads, c.attention_head_dim
+        double, single = (layer_class(cls, self.remat_layers) for cls in (FluxTransformerBlock,
+                                                                          FluxSingleTransformerBlock))
         for i in range(c.num_layers):
-            block = FluxTransformerBlock(heads, head_dim, dt, name=f"transformer_blocks_{i}")
+            block = double(heads, head_dim, dt, name=f"transformer_blocks_{i}")
             context, x = block(x, context, temb, rope)
         h = jnp.concatenate([context, x], axis=1)
         for i in range(c.num_single_layers):
-            h = FluxSingleTransformerBlock(heads, head_dim, dt, name=f"single_transformer_blocks_{i}")(h, temb, rope)
+            h = single(heads, head_dim, dt, name=f"single_transformer_blocks_{i}")(h, temb, rope)
         x = h[:, n_txt:]
 
         scale, shift = Modulation(2, c.inner_dim, dt, name="norm_out")(temb)  # AdaLayerNormContinuous: scale first

@@ -70,6 +70,7 @@ MAX_T5_LENGTH = 512  # FluxPipeline refuses a longer max_sequence_length
 DEFAULT_T5_LENGTH = {True: 512, False: 256}
 DEFAULT_GUIDANCE = 1.0  # the guidance embedding's value in fine-tuning (kohya, SimpleTuner)
 PATCH = 2  # FluxPipeline packs 2x2 latent patches into one token
+BLOCKS = ("transformer_blocks_", "single_transformer_blocks_")  # they gather their own params
 # The config files (no weights, no tokenizer vocabularies) of these hub models ship with
 # jaxcond, so their parameter shapes are known offline (`jaxcond plan`).
 SHIPPED = {"black-forest-labs/FLUX.1-dev": "flux_dev", "black-forest-labs/FLUX.1-schnell": "flux_schnell"}
@@ -148,8 +149,8 @@ class FluxFamily(Family):
         """`source`: a diffusers-format folder or hub id. `t5_max_length`: T5 tokens per
         caption (None: 512 for dev, 256 for schnell). `guidance`: the value dev's guidance
         embedding is fed (schnell: only the default). `resolution`: the image side samples are
-        drawn at (None: the VAE's sample_size). `remat`: none | full (the whole transformer
-        recomputed in the backward pass). `shapes_only`: params are shapes from the configs
+        drawn at (None: the VAE's sample_size). `remat`: none | layers (each block recomputed
+        in the backward pass, gathering its FSDP-sharded params there again) | full. `shapes_only`: params are shapes from the configs
         alone, which for the FLUX.1 hub ids ship with jaxcond; without tokenizer vocabularies
         the token ids are zeros."""
         _quiet_deprecations()
@@ -172,7 +173,7 @@ class FluxFamily(Family):
                               f"(FLUX.1-schnell-like); leave it at {DEFAULT_GUIDANCE}")
         self.path, self.dtype, self.remat, self.frozen_dtype = path, dtype, remat, frozen_dtype
         self.guidance, weights = float(guidance), not shapes_only
-        self.transformer = Flux(self.config, dtype=dtype)
+        self.transformer = Flux(self.config, dtype=dtype, remat_layers=remat == "layers")
         if weights:
             folder = os.path.join(path, "transformer")
             params = flux_convert.from_diffusers(load.pytorch_tensors(folder, "diffusers"), self.config, source=folder)
@@ -234,7 +235,7 @@ class FluxFamily(Family):
               "fed; 1.0 for fine-tuning)")
         check(model.get("train_text_encoder", False) is False, "model.train_text_encoder",
               model.get("train_text_encoder"), "fine-tuning the text encoders is not implemented for flux; set False")
-        one_of("model.remat", model.get("remat", "none"), ("none", "full"))
+        one_of("model.remat", model.get("remat", "none"), sd3.REMAT)
         one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
         rank = model.lora.get("rank", 0) if "lora" in model else 0
         check(rank == 0, "model.lora.rank", rank, "LoRA is not implemented for flux; set 0 (a full fine-tune)")
@@ -281,7 +282,9 @@ class FluxFamily(Family):
 
         if self.remat == "full":
             apply = jax.checkpoint(apply)
-        out = apply(sharding.gather(params["transformer"]), pack_latents(x_t.astype(self.dtype)), context, pooled)
+        # The blocks gather their own params, one at a time (mmdit.layer_class); the rest here.
+        p = {k: v if k.startswith(BLOCKS) else sharding.gather(v) for k, v in params["transformer"].items()}
+        out = apply(p, pack_latents(x_t.astype(self.dtype)), context, pooled)
         return unpack_latents(out, h, w).astype(jnp.float32)
 
     def save(self, path: str, trainable: Params) -> None:

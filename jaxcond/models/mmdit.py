@@ -319,6 +319,15 @@ class TimeTextEmbed(nn.Module):
         return t + TwoLayerMLP(self.dim, self.dtype, name="text_embedder")(pooled)
 
 
+def layer_class(cls: type, remat: bool) -> type:
+    """The block class `cls` as a transformer applies it: under `sharding.gathering` (FSDP)
+    each block gathers its own params where it runs, and with `remat` it is recomputed in
+    the backward pass, the gather included, so a step never holds every block gathered."""
+    if sharding.gathering_active():
+        cls = nn.map_variables(cls, "params", trans_in_fn=sharding.gather, init=False, mutable=False)
+    return nn.remat(cls) if remat else cls
+
+
 class MMDiT(nn.Module):
     """SD3Transformer2DModel.forward: (latents [B, C, H, W], text hidden states [B, L,
     joint_attention_dim], pooled text [B, pooled_projection_dim], timestep [B]) ->
@@ -344,11 +353,7 @@ class MMDiT(nn.Module):
         temb = TimeTextEmbed(dim, dt, name="time_text_embed")(timestep, pooled_projections)
         context = nn.Dense(c.caption_projection_dim, dtype=dt, name="context_embedder")(encoder_hidden_states)
 
-        block_cls = JointTransformerBlock
-        if sharding.gathering_active():
-            block_cls = nn.map_variables(block_cls, "params", trans_in_fn=sharding.gather, init=False, mutable=False)
-        if self.remat_layers:
-            block_cls = nn.remat(block_cls)
+        block_cls = layer_class(JointTransformerBlock, self.remat_layers)
         for i in range(c.num_layers):
             block = block_cls(c.num_attention_heads, c.attention_head_dim, c.qk_norm,
                                           context_pre_only=i == c.num_layers - 1,
