@@ -32,6 +32,8 @@ CASES = {
     # The params gathered as one tree at the top of the step (StepSpec.gather_per_layer).
     "sd15_gather_whole": ("configs/sd15.py", "v5e:2x2", {"step.gather_per_layer": False}),
     "sd21": ("configs/sd21.py", "v5e:2x2", {}),
+    "sd35m_v5e": ("configs/sd35_medium.py", "v5e:4x4", {}),
+    "sd35m_v5e_remat_full": ("configs/sd35_medium.py", "v5e:4x4", {"model.remat": "full"}),
     # LoRA rank 16 of SDXL on one 16 GiB chip, the stand-in for a 24 GB GPU.
     "sdxl_lora_v5e1": ("configs/sdxl.py", "v5e:1x1", {"model.lora.rank": 16, "train.global_batch": 1,
                                                       "model.frozen_dtype": "bfloat16"}),

@@ -1,7 +1,7 @@
 """The SD3-shaped demo: a tiny pixel-space SD3 with each text encoder dropped on its own.
 
 The SD3/3.5 recipe of configs/sd35_medium.py (rectified flow, one dropout group per text
-encoder at 0.464, zeros nulls) on the demo's 32x32 procedural shapes, with a tiny random
+encoder at 0.464, zeros nulls) on the demo's 16x16 procedural shapes, with a tiny random
 MMDiT, CLIP-L, CLIP-G and T5 built locally (jaxcond/models/sd3_demo.py, no download). The
 encoders stay frozen and random, as SD3 fine-tuning keeps its encoders. Because every
 encoder was dropped alone in training, the model can be sampled without T5 (or without
@@ -11,15 +11,12 @@ the CLIPs) as well as with all three:
     jaxcond sample --run runs/demo_sd3 --prompt "a red circle on a blue background" --without t5
     python benchmarks/sd3_demo.py --workdir runs/sd3_demo_bench  # scores all four ways
 
-On 2 CPU cores a step takes ~0.45 s when the machine is otherwise idle (~13 minutes for the
-run, model build, compile and final evaluation included); the benchmark measured 22.7
-minutes on a machine shared with other work (load average 4-6). What to expect at these
-sizes and 1500 steps (docs/results.md, "SD3-shaped demo: sampling without T5"): the model
-has not learned to draw shapes yet (blocky 4x4-pixel patches in palette colours), and
-follows the caption's colours only weakly (background right in ~16-19 of 60 held-out
-samples, chance 10); without T5 it falls to chance, without both CLIPs it keeps what it
-has, so at this stage the caption reaches it through T5. More steps or a larger model are
-the untried next step.
+On 2 CPU cores shared with other work (load average 2-4) the run took 30 minutes (3000
+steps at ~0.58 s; less on an idle machine). What to expect (docs/results.md, "SD3-shaped
+demo: sampling without T5"): backgrounds right in all 60 held-out samples at guidance 3 and
+shape colours in ~50, shapes barely (as the UNet demo at 2000 steps); without T5 (its zeros
+null in both branches) backgrounds stay 60/60 and colours ~41/60, because every encoder was
+also trained dropped on its own.
 
 Everything not set here is configs/base.py's field (and comment).
 """
@@ -48,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.sd3_demo = ml_collections.ConfigDict()
     # Pixels per patch side (SD3: 2 latent pixels, i.e. 16 image pixels); image tokens are
     # (resolution / patch_size) ** 2 and image sides multiples of it.
-    c.model.sd3_demo.patch_size = 4
+    c.model.sd3_demo.patch_size = 2
     c.model.sd3_demo.layers = 4  # MMDiT joint blocks.
     c.model.sd3_demo.heads = 4  # Attention heads of the MMDiT.
     c.model.sd3_demo.head_dim = 16  # Width per head; the MMDiT's width is heads * head_dim.
@@ -61,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Data --------------------------------------------------------------------------------
     c.data.source = "demo"  # The procedural shapes (jaxcond.data.demo), sized by data.num_records.
-    c.data.resolution = 32  # 8x8 patches of 4x4 pixels: the image tokens of the joint attention.
+    c.data.resolution = 16  # 8x8 patches of 2x2 pixels: the image tokens of the joint attention.
 
     # --- Dropout: SD3's, one group per encoder -------------------------------------------------
     groups = ml_collections.ConfigDict()
@@ -81,6 +78,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.snr_gamma = 0.0  # Min-SNR is DDPM's weighting; flow's is diffusion.flow_weighting.
 
     # --- Training: from scratch, base.py's optimizer ------------------------------------------
-    c.train.steps = 1500  # ~0.45 s each on 2 shared CPU cores.
+    c.train.steps = 3000  # ~0.5 s each on 2 CPU cores; at 1500 (or 4x4-pixel patches) colours do not follow yet.
     c.sample.scheduler = "euler"  # Flow matching samples with Euler steps.
     return c

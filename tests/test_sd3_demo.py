@@ -62,7 +62,7 @@ def test_demo_model_builds_once_into_the_run_directory_and_loads_pixel_space(tmp
     assert isinstance(family, SD3Demo) and family.path == base
     assert sorted(os.listdir(base)) == sorted([*sd3.PARTS, "scheduler"])  # no vae/: pixel-space
     assert not family.latent and family.sample_shape == (3, RESOLUTION, RESOLUTION)
-    assert family.size_multiple == 4 == SD3Demo.config_size_multiple(cfg.model)
+    assert family.size_multiple == cfg.model.sd3_demo.patch_size == SD3Demo.config_size_multiple(cfg.model)
     assert family.conditioners == {"clip_l": (77, 8), "clip_g": (77, 8), "t5": (8, 16), "pooled_l": (8,),
                                    "pooled_g": (8,)}
     images = np.random.default_rng(0).integers(0, 256, (2, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)

@@ -152,6 +152,7 @@ class SD3(Family):
         self.config, clip_l, clip_g, t5_width = _check_parts(source, path, clip_skip)
         self.clip_skip, weights = clip_skip, not shapes_only
         self.transformer = MMDiT(self.config, dtype=dtype, remat_layers=remat == "layers")
+        self.patch_size = self.config.patch_size
         if weights:
             tensors = load.pytorch_tensors(os.path.join(path, "transformer"), "diffusers")
             params = mmdit_convert.from_diffusers(tensors, self.config, source=os.path.join(path, "transformer"))
