@@ -250,17 +250,10 @@ class FluxFamily(Family):
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         """[B, 77 + t5_max_length]: CLIP's and T5's ids side by side."""
-        if not self.tokenizers:  # shapes only: compiled, never run
-            return np.zeros((len(captions), sum(self.lengths)), np.int32)
-        return np.concatenate([t(list(captions), padding="max_length", max_length=n, truncation=True,
-                                 return_tensors="np").input_ids.astype(np.int32)
-                               for t, n in zip(self.tokenizers, self.lengths)], axis=1)
+        return sd3.tokenize_side_by_side(self.tokenizers, self.lengths, captions)
 
     def overlong(self, captions: Sequence[str]) -> np.ndarray:
-        cut = np.zeros(len(captions), bool)
-        for t, n in zip(self.tokenizers, self.lengths):
-            cut |= [len(i) > n for i in t(list(captions), truncation=False, verbose=False).input_ids]
-        return cut
+        return sd3.overlong_in_any(self.tokenizers, self.lengths, captions)
 
     def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
         n = self.max_length

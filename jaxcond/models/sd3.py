@@ -120,6 +120,24 @@ def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, A
     return c, clip_l, clip_g, t5_width
 
 
+def tokenize_side_by_side(tokenizers: Sequence[Any], lengths: Sequence[int], captions: Sequence[str]) -> np.ndarray:
+    """int32 [B, sum(lengths)]: each tokenizer's ids, padded or cut to its length, side by
+    side (zeros without tokenizers: a shapes-only model, compiled, never run)."""
+    if not tokenizers:
+        return np.zeros((len(captions), sum(lengths)), np.int32)
+    return np.concatenate([t(list(captions), padding="max_length", max_length=n, truncation=True,
+                             return_tensors="np").input_ids.astype(np.int32)
+                           for t, n in zip(tokenizers, lengths)], axis=1)
+
+
+def overlong_in_any(tokenizers: Sequence[Any], lengths: Sequence[int], captions: Sequence[str]) -> np.ndarray:
+    """bool [B]: True where any of the tokenizers cuts the caption at its length."""
+    cut = np.zeros(len(captions), bool)
+    for t, n in zip(tokenizers, lengths):
+        cut |= [len(i) > n for i in t(list(captions), truncation=False, verbose=False).input_ids]
+    return cut
+
+
 class SD3(Family):
     """StableDiffusion3Pipeline's models: MMDiT + CLIP-L + CLIP-G + T5 + a 16-channel VAE.
     A folder without `vae/` is pixel-space, as unet_clip's: x0 is the RGB image in [-1, 1]."""
@@ -236,17 +254,10 @@ class SD3(Family):
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         """[B, 77 + 77 + t5_max_length]: CLIP-L's, CLIP-G's and T5's ids side by side."""
-        if not self.tokenizers:  # shapes only: compiled, never run
-            return np.zeros((len(captions), sum(self.lengths)), np.int32)
-        return np.concatenate([t(list(captions), padding="max_length", max_length=n, truncation=True,
-                                 return_tensors="np").input_ids.astype(np.int32)
-                               for t, n in zip(self.tokenizers, self.lengths)], axis=1)
+        return tokenize_side_by_side(self.tokenizers, self.lengths, captions)
 
     def overlong(self, captions: Sequence[str]) -> np.ndarray:
-        cut = np.zeros(len(captions), bool)
-        for t, n in zip(self.tokenizers, self.lengths):
-            cut |= [len(i) > n for i in t(list(captions), truncation=False, verbose=False).input_ids]
-        return cut
+        return overlong_in_any(self.tokenizers, self.lengths, captions)
 
     def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
         n = self.max_length
