@@ -45,5 +45,13 @@ class Emulator:
             self.proc.wait()
             self.proc = None
 
+    def deny_writes(self, deny: bool = True) -> None:
+        """Every write refused with 403 (an account that may only read) until called with False."""
+        path = os.path.join(self.folder, "deny_writes")
+        if deny:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            os.remove(path)
+
     def url(self, *names: str) -> str:
         return "/".join((f"gs://{BUCKET}",) + names)

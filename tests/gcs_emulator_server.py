@@ -1,10 +1,12 @@
 """gcp-storage-emulator with the parts of the GCS JSON API that tensorstore (Orbax's
 writer) relies on and the emulator lacks: the generation preconditions (ifGenerationMatch,
 ifGenerationNotMatch) on reads, writes and deletes, and the x-goog-generation header of a
-media read. Run as `python gcs_emulator_server.py start --host ... --port ...`, the
+media read. A file named `deny_writes` in its folder makes every write a 403, as a bucket
+whose account has lost write access (roles/storage.objectViewer) answers. Run as `python gcs_emulator_server.py start --host ... --port ...`, the
 emulator's own command line. Its server handles one request at a time, so a precondition
 check and the write it guards cannot interleave with another request."""
 
+import os
 import sys
 from http import HTTPStatus, server
 
@@ -53,6 +55,24 @@ def _guarded(handler, read: bool):
     return run
 
 
+DENY = "deny_writes"
+
+
+def _denied(handler):
+    """GCS's answer to a write from an account that may only read."""
+    def run(request, response, storage, *args, **kwargs):
+        if os.path.exists(DENY):
+            message = ("anonymous-caller does not have storage.objects.create access to the Google Cloud "
+                       "Storage object. Permission 'storage.objects.create' denied on resource.")
+            response.status = HTTPStatus.FORBIDDEN
+            response.json({"error": {"code": 403, "message": message,
+                                     "errors": [{"message": message, "domain": "global", "reason": "forbidden"}]}})
+            return None
+        return handler(request, response, storage, *args, **kwargs)
+
+    return run
+
+
 # Clients open many connections at once (gcsfs, tensorstore); the default backlog of 5 drops
 # the rest, which then wait for TCP's retransmits (seconds each).
 server.HTTPServer.request_queue_size = 1024
@@ -62,6 +82,8 @@ objects.download = _guarded(objects.download, read=True)
 objects.get = _guarded(objects.get, read=True)
 objects.insert = _guarded(objects.insert, read=False)
 objects.delete = _guarded(objects.delete, read=False)
+for _name in ("insert", "upload_partial", "xml_upload", "compose", "copy", "rewrite", "delete", "patch", "batch"):
+    setattr(objects, _name, _denied(getattr(objects, _name)))
 
 from gcp_storage_emulator.__main__ import main  # noqa: E402
 

@@ -115,6 +115,53 @@ def test_demo_on_gcs_through_kills_equals_a_local_run(demo_config, gcs, tmp_path
     assert manifest["step"] == 12 and storage.exists(gcs.url("exports", "kills", "unet", "config.json"))
 
 
+def test_write_access_lost_mid_run_ends_it_in_one_line_and_resumes(demo_config, gcs, tmp_path):
+    """The account loses write access (403 on every write): at start that is refused before
+    compiling; mid-run the run ends with one line naming the URL and the role it needs, its
+    newest complete checkpoint intact; with access back the same command finishes the run
+    equal to an uninterrupted local one."""
+    cfg = copy.deepcopy(demo_config)
+    cfg.checkpoint.async_save = False
+    url = gcs.url("runs", "denied")
+    cmd = _cmd(cfg, url, tmp_path)
+    ckdir = storage.join(url, "checkpoints")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    gcs.deny_writes()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        ours = [line for line in r.stderr.splitlines() if line.startswith("jaxcond train: ")]
+        assert len(ours) == 1 and url in ours[0] and "permission denied" in ours[0], r.stderr[-3000:]
+        assert "roles/storage.objectAdmin" in ours[0] and "compil" not in r.stderr.lower(), r.stderr[-3000:]
+        gcs.deny_writes(False)
+
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        t0 = time.time()
+        while not checkpoint.complete_steps(ckdir):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() - t0 < 300, "no checkpoint"
+            time.sleep(0.1)
+        gcs.deny_writes()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        gcs.deny_writes(False)
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    ours = [line for line in out.splitlines() if line.startswith("jaxcond train: ")]
+    assert len(ours) == 1 and url in ours[0] and "permission denied" in ours[0], out[-3000:]
+    newest = checkpoint.complete_steps(ckdir)[-1]
+    assert 0 < newest < cfg.train.steps
+    assert int(rundir.load_trained(url, newest).state["step"]) == newest
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "resuming from step" in done.stdout + done.stderr, done.stderr[-3000:]
+    assert checkpoint.partial_checkpoints(ckdir) == []
+    ref = train_lib.train(cfg, str(tmp_path / "local"), progress=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref["state"]),
+                 jax.device_get(rundir.load_trained(url).state))
+    assert _log(url, "masks.jsonl") == _lines(open(tmp_path / "local" / "masks.jsonl", "rb").read())
+    print(f"write access lost after checkpoint {newest}: {ours[0]}")
+
+
 def test_two_processes_on_gcs_survive_a_network_fault(run_config, gcs, tmp_path):
     """Two processes (gloo) write one run to gs://. The emulator is stopped mid-run: the
     run ends with a one-line message naming the bucket, within the configured retries, and
