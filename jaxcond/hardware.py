@@ -16,6 +16,7 @@ import re
 
 import jax
 
+import jaxcond
 from jaxcond.checks import ConfigError
 
 GiB = 2**30
@@ -57,8 +58,11 @@ def topology_devices(name: str) -> tuple[list, Chip]:
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"--topology {name!r}: compiling for a TPU needs libtpu, which is not installed: "
                           "pip install 'jaxcond[tpu]' (or JAXCOND_EXTRA=tpu bash launch/local.sh setup)")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _ACCELERATOR[generation].format(chips=chips, cores=2 * chips))
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    want = {"TPU_ACCELERATOR_TYPE": _ACCELERATOR[generation].format(chips=chips, cores=2 * chips),
+            "TPU_WORKER_HOSTNAMES": "localhost"}
+    for k, v in want.items():  # a user's own settings are kept, jaxcond's placeholders replaced
+        if os.environ.get(k) in (None, jaxcond.TPU_PLACEHOLDERS[k]):
+            os.environ[k] = v
     # Only compiling, no TPU touched: several such processes (tests, benchmarks) may run at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
