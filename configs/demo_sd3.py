@@ -27,10 +27,6 @@ import ml_collections
 
 from jaxcond.config import from_file
 
-# One dropout group per text encoder: its per-token states and its half of the pooled vector.
-ENCODER_GROUPS = {"clip_l": ("clip_l", "pooled_l"), "clip_g": ("clip_g", "pooled_g"), "t5": ("t5",)}
-
-
 def get_config() -> ml_collections.ConfigDict:
     c = from_file(os.path.join(os.path.dirname(__file__), "base.py"))
 
@@ -60,16 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.source = "demo"  # The procedural shapes (jaxcond.data.demo), sized by data.num_records.
     c.data.resolution = 16  # 8x8 patches of 2x2 pixels: the image tokens of the joint attention.
 
-    # --- Dropout: SD3's, one group per encoder -------------------------------------------------
-    groups = ml_collections.ConfigDict()
-    for name, members in ENCODER_GROUPS.items():
-        groups[name] = ml_collections.ConfigDict(c.dropout.groups.caption.to_dict())
-        groups[name].members = members
-        groups[name].rate = 0.464  # Independent per encoder; all three at once 0.464 ** 3 = 10%.
-    c.dropout.groups = groups
-    # Zeros, what StableDiffusion3Pipeline feeds for a missing encoder.
-    c.dropout.nulls = ml_collections.ConfigDict({name: "zeros" for name in
-                                                 ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")})
+    # --- Dropout: SD3.5's own (configs/sd35_medium.py): one group per encoder at 0.464, zeros
+    # nulls, what StableDiffusion3Pipeline feeds for a missing encoder.
+    c.dropout = from_file(os.path.join(os.path.dirname(__file__), "sd35_medium.py")).dropout
 
     # --- Objective: rectified flow, as SD3 -----------------------------------------------------
     c.diffusion.objective = "flow"

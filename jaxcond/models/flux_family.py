@@ -54,8 +54,8 @@ import ml_collections
 import numpy as np
 
 from jaxcond import flow, sharding
-from jaxcond.checks import ConfigError, check, one_of
-from jaxcond.models import convert, flux_convert, load, sd3, t5
+from jaxcond.checks import ConfigError, check
+from jaxcond.models import convert, dit_parts, flux_convert, load, sd3, t5
 from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
 from jaxcond.models.flux import Flux, FluxConfig, image_ids, pack_latents, text_ids, unpack_latents
 from jaxcond.models.unet_clip import _quiet_deprecations
@@ -95,21 +95,10 @@ def scheduler_config(dev: bool = True) -> dict:
             "max_image_seq_len": 4096}
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _check_parts(source: str, path: str) -> tuple[FluxConfig, Any, int, dict]:
     """The transformer's config, CLIP's, T5's width and the VAE's config, once their
     configs (before any weights are read) show that the parts fit together."""
-    configs = {}
-    for sub in ("transformer", CLIP, T5, "vae"):
-        file = os.path.join(path, sub, "config.json")
-        if not os.path.isfile(file):
-            raise ConfigError(f"config.model.source = {source!r} has no {sub}/config.json; is it a diffusers-format "
-                              "Flux folder?")
-        configs[sub] = _read_json(file)
+    configs = dit_parts.read_configs(source, path, ("transformer", CLIP, T5, "vae"), "Flux")
     try:
         c = FluxConfig.from_diffusers(configs["transformer"])
     except (TypeError, ValueError) as e:
@@ -155,17 +144,10 @@ class FluxFamily(Family):
         the token ids are zeros."""
         _quiet_deprecations()
         t5.patch_flax_t5()
-        from transformers import CLIPTokenizer, FlaxCLIPTextModel, FlaxT5EncoderModel, T5TokenizerFast
+        from transformers import FlaxCLIPTextModel
 
-        if shapes_only:
-            path = (os.path.join(load.SHIPPED_DIR, SHIPPED[source]) if source in SHIPPED
-                    else load.resolve_configs(source))
-        else:
-            path = load.resolve(source)
-        missing = [sub for sub in PARTS if not os.path.isdir(os.path.join(path, sub))]
-        if missing:
-            raise ConfigError(f"config.model.source = {source!r} has no {', '.join(s + '/' for s in missing)}: the "
-                              f"flux family loads a diffusers-format Flux folder ({', '.join(PARTS)})")
+        described = f"a diffusers-format Flux folder ({', '.join(PARTS)})"
+        path = dit_parts.resolve(source, SHIPPED, PARTS, "flux", described, shapes_only)
         self.config, clip, t5_width, vae_config = _check_parts(source, path)
         dev = self.config.guidance_embeds
         if not dev and guidance != DEFAULT_GUIDANCE:
@@ -182,25 +164,14 @@ class FluxFamily(Family):
         self.trainable, self.frozen, self.text_models = {"transformer": params}, {}, {}
         self.text_models[CLIP], self.frozen[CLIP] = load.transformers_part(
             FlaxCLIPTextModel, os.path.join(path, CLIP), dtype, weights=weights)
-        t5_tensors = t5.from_pytorch(load.pytorch_tensors(os.path.join(path, T5), "transformers")) if weights else None
-        self.text_models[T5], self.frozen[T5] = load.transformers_part(FlaxT5EncoderModel, os.path.join(path, T5),
-                                                                       dtype, t5_tensors, weights)
-        sd3.SD3._load_vae(self, os.path.join(path, "vae"), dtype, weights)
-
-        self.tokenizers = []
-        if weights or os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
-            self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(path, TOKENIZERS[0])),
-                               T5TokenizerFast.from_pretrained(os.path.join(path, TOKENIZERS[1]))]
-            self.max_length = self.tokenizers[0].model_max_length
-        else:
-            self.max_length = _read_json(os.path.join(path, "tokenizer", "tokenizer_config.json"))["model_max_length"]
+        self.text_models[T5], self.frozen[T5] = dit_parts.load_t5(path, T5, dtype, weights)
+        self.vae, self.quant, self.scale, self.shift, self.frozen["vae"] = dit_parts.load_vae(
+            os.path.join(path, "vae"), dtype, weights, "Flux")
+        self.tokenizers, self.max_length = dit_parts.load_tokenizers(path, TOKENIZERS[:1], TOKENIZERS[1], weights)
         self.t5_max_length = DEFAULT_T5_LENGTH[dev] if t5_max_length is None else t5_max_length
         self.lengths = (self.max_length, self.t5_max_length)  # the pipeline's CLIP limit is tokenizer/'s
         self.conditioners = {"t5": (self.t5_max_length, t5_width), "pooled": (clip.hidden_size,)}
-        if frozen_dtype != "float32":
-            self.frozen = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if isinstance(x, jax.ShapeDtypeStruct)
-                else jnp.asarray(x, jnp.bfloat16), self.frozen)
+        self.frozen = dit_parts.cast_frozen(self.frozen, frozen_dtype)
 
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = vae_factor * PATCH
@@ -219,10 +190,7 @@ class FluxFamily(Family):
 
     @classmethod
     def check_config(cls, model: ml_collections.ConfigDict) -> None:
-        check(bool(model.source) and not model.source.endswith(".safetensors"), "model.source", model.source,
-              "the flux family loads a diffusers-format folder or hub id, e.g. black-forest-labs/FLUX.1-dev")
-        check(not model.get("base"), "model.base", model.get("base"), "the flux family reads no single-file "
-              "checkpoints; leave it empty")
+        dit_parts.check_model(model, "flux", "black-forest-labs/FLUX.1-dev")
         check(model.get("clip_skip", 1) == 1, "model.clip_skip", model.get("clip_skip"),
               "Flux reads CLIP's pooled output, which clip_skip does not change; leave it at 1")
         n = model.get("t5_max_length")
@@ -233,12 +201,6 @@ class FluxFamily(Family):
         check(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0,
               "model.flux_guidance", g, "must be a number >= 0 (the value FLUX.1-dev's guidance embedding is "
               "fed; 1.0 for fine-tuning)")
-        check(model.get("train_text_encoder", False) is False, "model.train_text_encoder",
-              model.get("train_text_encoder"), "fine-tuning the text encoders is not implemented for flux; set False")
-        one_of("model.remat", model.get("remat", "none"), sd3.REMAT)
-        one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
-        rank = model.lora.get("rank", 0) if "lora" in model else 0
-        check(rank == 0, "model.lora.rank", rank, "LoRA is not implemented for flux; set 0 (a full fine-tune)")
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
@@ -250,10 +212,10 @@ class FluxFamily(Family):
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         """[B, 77 + t5_max_length]: CLIP's and T5's ids side by side."""
-        return sd3.tokenize_side_by_side(self.tokenizers, self.lengths, captions)
+        return dit_parts.tokenize_side_by_side(self.tokenizers, self.lengths, captions)
 
     def overlong(self, captions: Sequence[str]) -> np.ndarray:
-        return sd3.overlong_in_any(self.tokenizers, self.lengths, captions)
+        return dit_parts.overlong_in_any(self.tokenizers, self.lengths, captions)
 
     def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
         n = self.max_length
@@ -295,7 +257,7 @@ class FluxFamily(Family):
         scheduler = os.path.join(self.path, "scheduler", "scheduler_config.json")
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
         with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(_read_json(scheduler) if os.path.isfile(scheduler)
+            json.dump(dit_parts.read_json(scheduler) if os.path.isfile(scheduler)
                       else scheduler_config(self.config.guidance_embeds), f, indent=2)
 
     def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:

@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 
 from jaxcond import flow, sharding
-from jaxcond.checks import ConfigError, check, int_at_least, one_of
-from jaxcond.models import convert, load, mmdit_convert, t5
+from jaxcond.checks import ConfigError, check, int_at_least
+from jaxcond.models import convert, dit_parts, load, mmdit_convert, t5
 from jaxcond.models.family import DIFFUSERS_VERSION, Family, Params
 from jaxcond.models.mmdit import MMDiT, MMDiTConfig
 from jaxcond.models.unet_clip import _quiet_deprecations
@@ -45,7 +45,6 @@ CLIPS = ("text_encoder", "text_encoder_2")  # CLIP-L, CLIP-G
 T5 = "text_encoder_3"
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 PARTS = ("transformer", *CLIPS, T5, *TOKENIZERS)  # and vae/, or the model is pixel-space
-REMAT = ("none", "layers", "full")  # model.remat: nothing, each joint block, the whole MMDiT recomputed
 BLOCKS = "transformer_blocks_"  # param names of the joint blocks, which gather their own params
 CONDITIONERS = ("clip_l", "clip_g", "t5", "pooled_l", "pooled_g")
 MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses a longer max_sequence_length
@@ -72,22 +71,11 @@ def scheduler_config(shift: float = flow.DEFAULT_SHIFT) -> dict:
             "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS, "shift": shift}
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, Any, Any, int]:
     """The transformer's config, the CLIP-L and CLIP-G configs and T5's width, once their
     configs (before any weights are read) show that the parts fit together."""
-    configs = {}
     latent = os.path.isdir(os.path.join(path, "vae"))
-    for sub in ("transformer", *CLIPS, T5) + (("vae",) if latent else ()):
-        file = os.path.join(path, sub, "config.json")
-        if not os.path.isfile(file):
-            raise ConfigError(f"config.model.source = {source!r} has no {sub}/config.json; is it a diffusers-format "
-                              "SD3 folder?")
-        configs[sub] = _read_json(file)
+    configs = dit_parts.read_configs(source, path, ("transformer", *CLIPS, T5) + (("vae",) if latent else ()), "SD3")
     try:
         c = MMDiTConfig.from_diffusers(configs["transformer"])
     except ValueError as e:
@@ -120,22 +108,6 @@ def _check_parts(source: str, path: str, clip_skip: int) -> tuple[MMDiTConfig, A
     return c, clip_l, clip_g, t5_width
 
 
-def tokenize_side_by_side(tokenizers: Sequence[Any], lengths: Sequence[int], captions: Sequence[str]) -> np.ndarray:
-    """int32 [B, sum(lengths)]: each tokenizer's ids, padded or cut to its length, side by
-    side (zeros without tokenizers: a shapes-only model, compiled, never run)."""
-    if not tokenizers:
-        return np.zeros((len(captions), sum(lengths)), np.int32)
-    return np.concatenate([t(list(captions), padding="max_length", max_length=n, truncation=True,
-                             return_tensors="np").input_ids.astype(np.int32)
-                           for t, n in zip(tokenizers, lengths)], axis=1)
-
-
-def overlong_in_any(tokenizers: Sequence[Any], lengths: Sequence[int], captions: Sequence[str]) -> np.ndarray:
-    """bool [B]: True where any of the tokenizers cuts the caption at its length."""
-    cut = np.zeros(len(captions), bool)
-    for t, n in zip(tokenizers, lengths):
-        cut |= [len(i) > n for i in t(list(captions), truncation=False, verbose=False).input_ids]
-    return cut
 
 
 class SD3(Family):
@@ -155,17 +127,10 @@ class SD3(Family):
         ship with jaxcond; without tokenizer vocabularies the token ids are zeros."""
         _quiet_deprecations()
         t5.patch_flax_t5()
-        from transformers import CLIPTokenizer, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5TokenizerFast
+        from transformers import FlaxCLIPTextModelWithProjection
 
-        if shapes_only:
-            path = (os.path.join(load.SHIPPED_DIR, SHIPPED[source]) if source in SHIPPED
-                    else load.resolve_configs(source))
-        else:
-            path = load.resolve(source)
-        missing = [sub for sub in PARTS if not os.path.isdir(os.path.join(path, sub))]
-        if missing:
-            raise ConfigError(f"config.model.source = {source!r} has no {', '.join(s + '/' for s in missing)}: the "
-                              f"sd3 family loads a diffusers-format SD3 folder ({', '.join(PARTS)}, vae)")
+        described = f"a diffusers-format SD3 folder ({', '.join(PARTS)}, vae)"
+        path = dit_parts.resolve(source, SHIPPED, PARTS, "sd3", described, shapes_only)
         self.path, self.dtype, self.remat, self.frozen_dtype = path, dtype, remat, frozen_dtype
         self.config, clip_l, clip_g, t5_width = _check_parts(source, path, clip_skip)
         self.clip_skip, weights = clip_skip, not shapes_only
@@ -180,70 +145,33 @@ class SD3(Family):
         for name in CLIPS:
             self.text_models[name], self.frozen[name] = load.transformers_part(
                 FlaxCLIPTextModelWithProjection, os.path.join(path, name), dtype, weights=weights)
-        t5_tensors = t5.from_pytorch(load.pytorch_tensors(os.path.join(path, T5), "transformers")) if weights else None
-        self.text_models[T5], self.frozen[T5] = load.transformers_part(FlaxT5EncoderModel, os.path.join(path, T5),
-                                                                       dtype, t5_tensors, weights)
+        self.text_models[T5], self.frozen[T5] = dit_parts.load_t5(path, T5, dtype, weights)
         self.latent = os.path.isdir(os.path.join(path, "vae"))
         if self.latent:
-            self._load_vae(os.path.join(path, "vae"), dtype, weights)
+            self.vae, self.quant, self.scale, self.shift, self.frozen["vae"] = dit_parts.load_vae(
+                os.path.join(path, "vae"), dtype, weights, "SD3")
 
-        self.tokenizers = []
-        if weights or os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
-            self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(path, t)) for t in TOKENIZERS[:2]]
-            self.tokenizers.append(T5TokenizerFast.from_pretrained(os.path.join(path, TOKENIZERS[2])))
-            self.max_length = self.tokenizers[0].model_max_length
-        else:
-            self.max_length = _read_json(os.path.join(path, "tokenizer", "tokenizer_config.json"))["model_max_length"]
+        self.tokenizers, self.max_length = dit_parts.load_tokenizers(path, TOKENIZERS[:2], TOKENIZERS[2], weights)
         self.t5_max_length = t5_max_length
         self.lengths = (self.max_length, self.max_length, t5_max_length)  # the pipeline's CLIP limit is tokenizer/'s
 
         self.conditioners = {"clip_l": (self.max_length, clip_l.hidden_size),
                              "clip_g": (self.max_length, clip_g.hidden_size), "t5": (t5_max_length, t5_width),
                              "pooled_l": (clip_l.projection_dim,), "pooled_g": (clip_g.projection_dim,)}
-        if frozen_dtype != "float32":
-            self.frozen = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if isinstance(x, jax.ShapeDtypeStruct)
-                else jnp.asarray(x, jnp.bfloat16), self.frozen)
+        self.frozen = dit_parts.cast_frozen(self.frozen, frozen_dtype)
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.latent else 1
         c = self.config
         self.sample_shape = (c.in_channels, c.sample_size, c.sample_size)
         self.image_size = c.sample_size * vae_factor
         self.size_multiple = vae_factor * c.patch_size
 
-    def _load_vae(self, folder: str, dtype: jnp.dtype, weights: bool) -> None:
-        """diffusers' Flax AutoencoderKL, whose 1x1 quant convs SD3's VAE does without
-        (use_quant_conv=False): they are left out of its params and skipped when applied."""
-        from diffusers import FlaxAutoencoderKL
-
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ConfigError(f"{folder}/config.json is missing; is it a diffusers-format SD3 folder?")
-        config = _read_json(os.path.join(folder, "config.json"))
-        if not config.get("mid_block_add_attention", True):
-            raise ConfigError(f"{folder}: a VAE without mid-block attention is not supported (diffusers' Flax VAE)")
-        self.vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(folder), dtype=dtype)
-        self.quant = {k: config.get(f"use_{k}", True) for k in ("quant_conv", "post_quant_conv")}
-        self.scale, self.shift = config["scaling_factor"], config.get("shift_factor") or 0.0
-        template = jax.eval_shape(self.vae.init_weights, jax.random.key(0))
-        template = {k: v for k, v in template.items() if self.quant.get(k, True)}
-        self.frozen["vae"] = (convert.from_pytorch(load.pytorch_tensors(folder, "diffusers"), template, source=folder)
-                              if weights else template)
-
     @classmethod
     def check_config(cls, model: ml_collections.ConfigDict) -> None:
-        check(bool(model.source) and not model.source.endswith(".safetensors"), "model.source", model.source,
-              "the sd3 family loads a diffusers-format folder or hub id, e.g. stabilityai/stable-diffusion-3.5-medium")
-        check(not model.get("base"), "model.base", model.get("base"), "the sd3 family reads no single-file "
-              "checkpoints; leave it empty")
+        dit_parts.check_model(model, "sd3", "stabilityai/stable-diffusion-3.5-medium")
         int_at_least("model.clip_skip", model.clip_skip, 1)
         n = model.get("t5_max_length", 256)
         check(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_T5_LENGTH, "model.t5_max_length", n,
               f"must be an integer in [1, {MAX_T5_LENGTH}] (StableDiffusion3Pipeline's max_sequence_length)")
-        check(model.get("train_text_encoder", False) is False, "model.train_text_encoder",
-              model.get("train_text_encoder"), "fine-tuning the text encoders is not implemented for sd3; set False")
-        one_of("model.remat", model.get("remat", "none"), REMAT)
-        one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
-        rank = model.lora.get("rank", 0) if "lora" in model else 0
-        check(rank == 0, "model.lora.rank", rank, "LoRA is not implemented for sd3; set 0 (a full fine-tune)")
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, workdir: str, dtype: jnp.dtype,
@@ -254,10 +182,10 @@ class SD3(Family):
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         """[B, 77 + 77 + t5_max_length]: CLIP-L's, CLIP-G's and T5's ids side by side."""
-        return tokenize_side_by_side(self.tokenizers, self.lengths, captions)
+        return dit_parts.tokenize_side_by_side(self.tokenizers, self.lengths, captions)
 
     def overlong(self, captions: Sequence[str]) -> np.ndarray:
-        return overlong_in_any(self.tokenizers, self.lengths, captions)
+        return dit_parts.overlong_in_any(self.tokenizers, self.lengths, captions)
 
     def encode(self, params: Params, tokens: jax.Array) -> dict[str, jax.Array]:
         n = self.max_length
@@ -350,7 +278,7 @@ class SD3(Family):
         scheduler = os.path.join(self.path, "scheduler", "scheduler_config.json")
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
         with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(_read_json(scheduler) if os.path.isfile(scheduler) else scheduler_config(), f, indent=2)
+            json.dump(dit_parts.read_json(scheduler) if os.path.isfile(scheduler) else scheduler_config(), f, indent=2)
 
     def pipeline_index(self, force_zeros_for_empty_prompt: bool) -> dict | None:
         """StableDiffusion3Pipeline (it has no force_zeros setting: pass zero negative
