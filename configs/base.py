@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     # layers_keep_matmuls (there, only the ops between matmuls) | blocks (each UNet
     # down/mid/up block) | blocks_keep_matmuls | full (the whole UNet). jaxcond/models/remat.py.
     c.model.remat = "none"
+    # UNet: each spatial transformer runs its blocks as one scan over their stacked params:
+    # the same result from a smaller program, which compiles faster in less host memory
+    # (SDXL's 70 transformer blocks become 11): True | False. jaxcond/models/remat.py.
+    c.model.scan_layers = False
     # Frozen weights (VAE, frozen text encoders, a LoRA run's base UNet) stored as: float32 |
     # bfloat16 (half the memory; the model then computes from bfloat16-rounded weights).
     c.model.frozen_dtype = "float32"

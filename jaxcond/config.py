@@ -80,7 +80,7 @@ _ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dty
           "diffusion.flow_logit_std": 1.0, "diffusion.flow_mode_scale": 1.29, "diffusion.flow_weighting": "none",
           "diffusion.flow_shift_mode": "fixed", "diffusion.flow_base_shift": 0.5, "diffusion.flow_max_shift": 1.15,
           "data.validation_fraction": 0.0, "data.validation_path": "",
-          "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""},
+          "model.scan_layers": False, "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""},
           "data.auto_buckets": {"area": 0, "min_side": 0, "max_side": 0, "step": 0, "max_buckets": 8}}
 
 
@@ -92,7 +92,7 @@ def _get(d: Mapping, dotted: str) -> object:
 
 # Inside those sections, fields that change where batches come from but not what they hold.
 RESUME_EXEMPT = ("data.cache", "data.eval_prompts",
-                 "model.remat")  # what is recomputed, not what is computed
+                 "model.remat", "model.scan_layers")  # how it is computed, not what
 
 
 def _without_exempt(d: Mapping, section: str) -> object:

@@ -2,6 +2,7 @@
 rounding, with the same parameters."""
 
 import copy
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,3 +44,77 @@ def test_bad_remat_policy_is_named(config, tmp_path):
     cfg.model.remat = "everything"
     with pytest.raises(config_lib.ConfigError, match=r"config.model.remat = 'everything': must be one of \('none', "):
         train_lib.build(cfg, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(model_dir, tmp_path_factory):
+    """The demo folder with 3 transformer blocks per spatial transformer (SDXL has 2 and 10)."""
+    import json
+    import shutil
+
+    from diffusers import FlaxUNet2DConditionModel
+
+    path = str(tmp_path_factory.mktemp("deep"))
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    unet_dir = f"{path}/unet"
+    config = FlaxUNet2DConditionModel.load_config(unet_dir)
+    config["transformer_layers_per_block"] = 3
+    unet = FlaxUNet2DConditionModel.from_config(config)
+    params = unet.init_weights(jax.random.key(1))
+    for name in os.listdir(unet_dir):
+        os.remove(os.path.join(unet_dir, name))
+    unet.save_pretrained(unet_dir, params=params)
+    assert json.load(open(f"{unet_dir}/config.json"))["transformer_layers_per_block"] == 3
+    return path
+
+
+@pytest.mark.parametrize("policy", ["none", "layers", "blocks", "layers_keep_matmuls"])
+def test_scanned_layers_give_the_same_loss_and_gradients(deep_model_dir, policy):
+    """model.scan_layers: each spatial transformer's blocks as one lax.scan, the same loss and
+    gradients as the unrolled blocks under each remat policy, the same parameters, and one
+    traced block per transformer instead of three."""
+    unrolled = UNetCLIP(deep_model_dir, remat=policy)
+    scanned = UNetCLIP(deep_model_dir, remat=policy, scan_layers=True)
+    assert jax.tree.structure(scanned.trainable) == jax.tree.structure(unrolled.trainable)
+    want, want_grads = _loss_and_grads(unrolled)
+    got, grads = _loss_and_grads(scanned)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, want_grads)
+    def scans(family):
+        jaxpr = jax.make_jaxpr(lambda p: _loss(family, p))(family.trainable).jaxpr
+        return sum(e.primitive.name == "scan" for e in _equations(jaxpr))
+
+    assert scans(scanned) > 0 and scans(unrolled) == 0
+
+
+def test_scanned_layers_under_fsdp_gather_per_step(deep_model_dir):
+    """On an 8-way FSDP mesh the scan gathers each block's params inside its step: the
+    same loss and gradients as one device."""
+    from jaxcond import sharding
+
+    family = UNetCLIP(deep_model_dir, remat="layers", scan_layers=True)
+    want, want_grads = _loss_and_grads(family)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
+    params = jax.device_put(family.trainable, sharding.param_shardings(mesh, family.trainable, 0))
+
+    def gathered(p):
+        with sharding.gathering(sharding.replicated(mesh)):
+            return _loss(family, p)
+
+    got, grads = jax.jit(jax.value_and_grad(gathered))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads, want_grads)
+    scans = [e for e in _equations(jax.make_jaxpr(gathered)(params).jaxpr) if e.primitive.name == "scan"]
+    assert scans and all(any(i.primitive.name == "sharding_constraint" for i in _equations(e.params["jaxpr"].jaxpr))
+                         for e in scans), "each scan step gathers its block's params"
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside its equations."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)

@@ -131,6 +131,8 @@ def check_model(model: ml_collections.ConfigDict, family: str, example: str) -> 
     check(model.get("train_text_encoder", False) is False, "model.train_text_encoder",
           model.get("train_text_encoder"), f"fine-tuning the text encoders is not implemented for {family}; set False")
     one_of("model.remat", model.get("remat", "none"), REMAT)
+    check(model.get("scan_layers", False) is False, "model.scan_layers", model.get("scan_layers"),
+          f"scanning layers is implemented for the UNet families only; for {family} set False")
     one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
     rank = model.lora.get("rank", 0) if "lora" in model else 0
     check(rank == 0, "model.lora.rank", rank, f"LoRA is not implemented for {family}; set 0 (a full fine-tune)")

@@ -57,7 +57,8 @@ class UNetCLIP(Family):
 
     def __init__(self, source: str, dtype: jnp.dtype = jnp.float32, clip_skip: int = 1,
                  train_text_encoder: bool = False, base: str = "", remat: str = "none", shapes_only: bool = False,
-                 lora: lora_lib.Spec | None = None, lora_init: str = "", frozen_dtype: str = "float32"):
+                 lora: lora_lib.Spec | None = None, lora_init: str = "", frozen_dtype: str = "float32",
+                 scan_layers: bool = False):
         """`source`: a diffusers-format folder or hub id, or a single-file `.safetensors`
         in the original SD 1.x / SDXL layout with `base` naming a diffusers folder or hub id
         of its family for the configs and tokenizers (jaxcond.models.load).
@@ -74,6 +75,7 @@ class UNetCLIP(Family):
         `lora`: train LoRA adapters of the UNet (and of the text encoders with
         `train_text_encoder`) instead of their weights, from `lora_init` (a LoRA file) if
         given (`jaxcond.models.lora`). `frozen_dtype`: how frozen weights are stored.
+        `scan_layers`: each spatial transformer scans over its blocks (`jaxcond.models.remat`).
         """
         _quiet_deprecations()
         from diffusers import FlaxUNet2DConditionModel
@@ -95,7 +97,7 @@ class UNetCLIP(Family):
                 raise FileNotFoundError(
                     f"model folder {path!r} has no {sub}/ subfolder; expected a diffusers-format "
                     "folder with unet/, text_encoder/ and tokenizer/")
-        self.path, self.dtype, self.remat = path, dtype, remat
+        self.path, self.dtype, self.remat, self.scan_layers = path, dtype, remat, scan_layers
         weights = not shapes_only
         self.unet, unet_params = load.diffusers_part(FlaxUNet2DConditionModel, os.path.join(path, "unet"), dtype,
                                                      tensors.get("unet"), weights)
@@ -176,6 +178,8 @@ class UNetCLIP(Family):
         check(isinstance(model.train_text_encoder, bool), "model.train_text_encoder",
               model.train_text_encoder, "must be True or False")
         one_of("model.remat", model.get("remat", "none"), tuple(remat_lib.POLICIES))
+        check(isinstance(model.get("scan_layers", False), bool), "model.scan_layers", model.get("scan_layers"),
+              "must be True or False")
         one_of("model.frozen_dtype", model.get("frozen_dtype", "float32"), ("float32", "bfloat16"))
         if "lora" in model:
             lora_lib.validate(model.lora)
@@ -249,7 +253,7 @@ class UNetCLIP(Family):
             else sharding.gather(x), lora_lib.part(params, "unet", self.lora))
 
         def apply(params: Params, x_t: jax.Array, context: jax.Array, added: Any) -> jax.Array:
-            with remat_lib.wrapped(self.remat):  # the blocks are built inside apply
+            with remat_lib.wrapped(self.remat, self.scan_layers):  # the blocks are built inside apply
                 return self.unet.apply({"params": params}, x_t, t, context, added_cond_kwargs=added,
                                        train=False).sample
 
@@ -352,10 +356,11 @@ class UNetCLIP(Family):
 
 
 def extra_args(model: ml_collections.ConfigDict) -> dict:
-    """The LoRA and frozen-weight arguments of `config.model` (absent from older configs)."""
+    """The LoRA, frozen-weight and scan arguments of `config.model` (absent from older configs)."""
     lora = model.get("lora")
     return {"lora": lora_lib.Spec.from_config(lora) if lora else None,
-            "lora_init": lora.init_from if lora else "", "frozen_dtype": model.get("frozen_dtype", "float32")}
+            "lora_init": lora.init_from if lora else "", "frozen_dtype": model.get("frozen_dtype", "float32"),
+            "scan_layers": model.get("scan_layers", False)}
 
 
 FAMILY = UNetCLIP
