@@ -80,7 +80,7 @@ _ADDED = {"optim.name": "adamw", "optim.moment_dtype": "float32", "optim.ema_dty
           "diffusion.flow_logit_std": 1.0, "diffusion.flow_mode_scale": 1.29, "diffusion.flow_weighting": "none",
           "diffusion.flow_shift_mode": "fixed", "diffusion.flow_base_shift": 0.5, "diffusion.flow_max_shift": 1.15,
           "data.validation_fraction": 0.0, "data.validation_path": "",
-          "model.scan_layers": False, "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""},
+          "model.lora": {"rank": 0, "alpha": 0.0, "targets": ["attention"], "seed": 0, "init_from": ""},
           "data.auto_buckets": {"area": 0, "min_side": 0, "max_side": 0, "step": 0, "max_buckets": 8}}
 
 
