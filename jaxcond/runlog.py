@@ -94,18 +94,16 @@ class RunLog:
         scalars["examples_per_s"] = self.spec.global_batch / scalars["step_time"]
         self.last_t, self.last_step = now, done
         self._write_masks()
-        if self.active:
-            with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": done, **scalars}) + "\n")
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, done)
-            if self.wandb:
-                self.wandb.scalars(done, scalars)
+        self._emit(done, scalars)
         return scalars
 
     def validation(self, done: int, scalars: dict[str, float]) -> None:
         """The validation losses after step `done` (jaxcond.validation), a line of their own in
         metrics.jsonl (its lines with "val/loss"), TensorBoard and W&B."""
+        self._emit(done, scalars)
+
+    def _emit(self, done: int, scalars: dict[str, float]) -> None:
+        """A line of metrics.jsonl, TensorBoard scalars and W&B, from process 0."""
         if not self.active:
             return
         with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:

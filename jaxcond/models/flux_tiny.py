@@ -36,10 +36,7 @@ def build_tiny(path: str, resolution: int = 16, seed: int = 0, guidance_embeds: 
     t5_lib.patch_flax_t5()
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxT5EncoderModel, T5Config
 
-    s = {**TINY, **sizes}
-    unknown = set(sizes) - set(TINY)
-    if unknown:
-        raise ValueError(f"build_tiny: unknown sizes {sorted(unknown)}; known: {sorted(TINY)}")
+    s = sd3_tiny.sizes_of(TINY, sizes)
     vocab = demo._write_tokenizer(os.path.join(path, flux_family.TOKENIZERS[0]), sd3_tiny.CLIP_LENGTH)
     width = s["clip_width"]
     cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,

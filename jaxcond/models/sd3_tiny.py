@@ -61,6 +61,14 @@ def _write_pytorch(folder: str, tensors: dict, stem: str) -> None:
                               {k: np.asarray(v) for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
+def sizes_of(tiny: dict, overrides: dict) -> dict:
+    """A tiny model's sizes: `tiny`'s, with `overrides` (each one of its names)."""
+    unknown = set(overrides) - set(tiny)
+    if unknown:
+        raise ValueError(f"build_tiny: unknown sizes {sorted(unknown)}; known: {sorted(tiny)}")
+    return {**tiny, **overrides}
+
+
 def build_tiny(path: str, resolution: int = 16, seed: int = 0, latent: bool = True, **sizes) -> None:
     """Writes a randomly initialised tiny SD3 folder for `resolution`-pixel images (a
     multiple of patch_size * 2 ** (len(vae_channels) - 1)); `sizes` override TINY's. `latent=False`:
@@ -70,10 +78,7 @@ def build_tiny(path: str, resolution: int = 16, seed: int = 0, latent: bool = Tr
     t5_lib.patch_flax_t5()
     from transformers import CLIPTextConfig, FlaxCLIPTextModelWithProjection, FlaxT5EncoderModel, T5Config
 
-    s = {**TINY, **sizes}
-    unknown = set(sizes) - set(TINY)
-    if unknown:
-        raise ValueError(f"build_tiny: unknown sizes {sorted(unknown)}; known: {sorted(TINY)}")
+    s = sizes_of(TINY, sizes)
     vocab = 0
     for i, (name, width) in enumerate(((sd3.CLIPS[0], s["clip_l_width"]), (sd3.CLIPS[1], s["clip_g_width"]))):
         vocab = demo._write_tokenizer(os.path.join(path, sd3.TOKENIZERS[i]), CLIP_LENGTH)
