@@ -103,3 +103,13 @@ def flops(compiled: Any) -> float | None:
 
 def bytes_accessed(compiled: Any) -> float | None:
     return _cost(compiled, "bytes accessed")
+
+
+def lowered_cost(lowered: Any) -> dict[str, float]:
+    """The cost analysis of a lowered (traced, not compiled) program, whole and unpartitioned,
+    by XLA's HLO cost model on the host CPU's client: for any target, a TPU topology's too,
+    whose lowered programs report none."""
+    from jax._src.lib import _jax  # the one binding of XLA's HLO cost analysis (jax pinned)
+
+    module = lowered.compiler_ir("hlo").as_hlo_module()
+    return dict(_jax.hlo_module_cost_analysis(jax.local_devices(backend="cpu")[0].client, module))

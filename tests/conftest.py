@@ -126,6 +126,27 @@ def config(model_dir) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="session")
+def deep_model_dir(model_dir, tmp_path_factory):
+    """The demo folder with 3 transformer blocks per spatial transformer (SDXL has 2 and 10)."""
+    import json
+
+    from diffusers import FlaxUNet2DConditionModel
+
+    path = str(tmp_path_factory.mktemp("deep"))
+    shutil.copytree(model_dir, path, dirs_exist_ok=True)
+    unet_dir = f"{path}/unet"
+    config = FlaxUNet2DConditionModel.load_config(unet_dir)
+    config["transformer_layers_per_block"] = 3
+    unet = FlaxUNet2DConditionModel.from_config(config)
+    params = unet.init_weights(jax.random.key(1))
+    for name in os.listdir(unet_dir):
+        os.remove(os.path.join(unet_dir, name))
+    unet.save_pretrained(unet_dir, params=params)
+    assert json.load(open(f"{unet_dir}/config.json"))["transformer_layers_per_block"] == 3
+    return path
+
+
+@pytest.fixture(scope="session")
 def run_config(config) -> ml_collections.ConfigDict:
     """The config of the session's shared training runs (below): `config` with a caption
     dropout rate high enough that every step drops several positions. Tests that compile

@@ -74,6 +74,22 @@ def test_plan_reports_the_compiled_memory_per_device(config):
     np.testing.assert_allclose(sharded.flops, replicated.flops, rtol=0.1)
 
 
+def test_scanned_layers_plan_the_unrolled_steps_flops(config, deep_model_dir):
+    """XLA's cost analysis counts a scan's body once: with model.scan_layers the plan adds
+    the unrolled step's extra FLOPs (from the lowered programs) and says it is an estimate."""
+    cfg = copy.deepcopy(config)
+    cfg.model.source, cfg.model.remat = deep_model_dir, "layers"
+    unrolled = plan_lib.plan(cfg, "v5e:2x2", progress=False)
+    cfg.model.scan_layers = True
+    scanned = plan_lib.plan(cfg, "v5e:2x2", progress=False)
+    assert scanned.loops_scaled and not unrolled.loops_scaled
+    print(f"FLOPs scanned/unrolled {scanned.flops / unrolled.flops:.4f}, "
+          f"bytes {scanned.bytes_accessed / unrolled.bytes_accessed:.4f}")
+    np.testing.assert_allclose(scanned.flops, unrolled.flops, rtol=0.1)
+    assert scanned.bytes_accessed <= unrolled.bytes_accessed  # counted once per loop: a lower bound
+    assert "estimate for the scanned layers" in plan_lib.report(scanned, cfg)
+
+
 def test_a_step_that_does_not_fit_says_what_would(config):
     p = _plan(config, data=4, fsdp=1)
     tight = copy.deepcopy(p)

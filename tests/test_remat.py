@@ -2,7 +2,6 @@
 rounding, with the same parameters."""
 
 import copy
-import os
 
 import jax
 import jax.numpy as jnp
@@ -44,28 +43,6 @@ def test_bad_remat_policy_is_named(config, tmp_path):
     cfg.model.remat = "everything"
     with pytest.raises(config_lib.ConfigError, match=r"config.model.remat = 'everything': must be one of \('none', "):
         train_lib.build(cfg, str(tmp_path))
-
-
-@pytest.fixture(scope="module")
-def deep_model_dir(model_dir, tmp_path_factory):
-    """The demo folder with 3 transformer blocks per spatial transformer (SDXL has 2 and 10)."""
-    import json
-    import shutil
-
-    from diffusers import FlaxUNet2DConditionModel
-
-    path = str(tmp_path_factory.mktemp("deep"))
-    shutil.copytree(model_dir, path, dirs_exist_ok=True)
-    unet_dir = f"{path}/unet"
-    config = FlaxUNet2DConditionModel.load_config(unet_dir)
-    config["transformer_layers_per_block"] = 3
-    unet = FlaxUNet2DConditionModel.from_config(config)
-    params = unet.init_weights(jax.random.key(1))
-    for name in os.listdir(unet_dir):
-        os.remove(os.path.join(unet_dir, name))
-    unet.save_pretrained(unet_dir, params=params)
-    assert json.load(open(f"{unet_dir}/config.json"))["transformer_layers_per_block"] == 3
-    return path
 
 
 @pytest.mark.parametrize("policy", ["none", "layers", "blocks", "layers_keep_matmuls"])
