@@ -24,6 +24,10 @@ CASES = {
     "sd15": ("configs/sd15.py", "v5e:2x2", {}),
     "sdxl_v5e": ("configs/sdxl.py", "v5e:4x4", {}),
     "sdxl_v5p": ("configs/sdxl.py", "v5p:2x2x1", {}),
+    # v5p's 95 GiB hold SDXL's whole training state on each chip: plain data parallelism,
+    # no per-layer gathers to partition.
+    "sdxl_v5p_data_parallel": ("configs/sdxl.py", "v5p:2x2x1", {"mesh.fsdp": 1, "mesh.data": -1,
+                                                                "model.scan_layers": False}),
     "sd15_remat_none": ("configs/sd15.py", "v5e:2x2", {"model.remat": "none"}),
     "sd15_remat_layers_keep_matmuls": ("configs/sd15.py", "v5e:2x2", {"model.remat": "layers_keep_matmuls"}),
     "sd15_remat_blocks": ("configs/sd15.py", "v5e:2x2", {"model.remat": "blocks"}),
