@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.clip_skip = 1  # SDXL's convention: both encoders' penultimate layer.
     c.data.resolution = 1024
     # Each spatial transformer's blocks (2 and 10 deep) as one scan: the same step from a
-    # program a fifth the size, which `jaxcond plan --topology v5e:4x4` compiles in ~20 GB of
-    # host memory (unrolled, it needed more than 24).
+    # program a fifth the size, which `jaxcond plan --topology v5e:4x4` compiles in under 20 GB
+    # of host memory (unrolled, it needed more than 24).
     c.model.scan_layers = True
     # SDXL's training buckets near 1024*1024 pixels.
     c.data.buckets = ((1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832))
