@@ -47,7 +47,7 @@ class Plan:
     compile_s: float
     # With scanned layers: FLOPs estimated for the unrolled step (XLA's cost analysis counts
     # a loop body once, whatever its trip count), bytes accessed as counted (a lower bound).
-    loops_scaled: bool = False
+    flops_estimated: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -102,10 +102,13 @@ def plan(cfg: ml_collections.ConfigDict, topology: str | None = None, progress: 
     batch = program.with_shardings(
         program.batch_shapes(family, {**family.frozen, **family.trainable}, cfg.train.global_batch, h, w,
                              cached=bool(cfg.data.cache)), sharding.batch_sharding(mesh))
-    step = program.jit_step(family, spec, tx, lr, mesh, jax.tree.map(lambda x: x.sharding, state),
-                            jax.tree.map(lambda x: x.sharding, frozen))
+
+    def lower() -> Any:
+        return program.jit_step(family, spec, tx, lr, mesh, jax.tree.map(lambda x: x.sharding, state),
+                                jax.tree.map(lambda x: x.sharding, frozen)).lower(state, frozen, batch)
+
     start = time.perf_counter()
-    lowered = step.lower(state, frozen, batch)
+    lowered = lower()
     measured = _cached(lowered, target)
     if measured is None:
         with _Ticker(f"compiling the train step for {target}", progress), _no_program_cache(topology):
@@ -114,9 +117,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str | None = None, progress: 
                     "flops": program.flops(compiled), "bytes_accessed": program.bytes_accessed(compiled),
                     "compile_s": time.perf_counter() - start}
         if getattr(family, "scan_layers", False):
-            unrolled = _lowered_unrolled(family, lambda: program.jit_step(
-                family, spec, tx, lr, mesh, jax.tree.map(lambda x: x.sharding, state),
-                jax.tree.map(lambda x: x.sharding, frozen)).lower(state, frozen, batch))
+            unrolled = _lowered_unrolled(family, lower)
             scanned, whole = program.lowered_cost(lowered), program.lowered_cost(unrolled)
             if measured["flops"] and scanned.get("flops") and whole.get("flops"):
                 # The loops' missing iterations are model layers, whose work the batch splits
@@ -157,7 +158,8 @@ def _cache_file(lowered: Any, target: str) -> str | None:
     root = jax.config.jax_compilation_cache_dir
     if not root:
         return None
-    key = hashlib.sha256("\n".join([lowered.as_text(), target, jax.__version__, str(_FIGURES)]).encode()).hexdigest()
+    text = "\n".join([lowered.as_text(), target, jax.__version__, str(_FIGURES)])
+    key = hashlib.sha256(text.encode()).hexdigest()
     return os.path.join(root, _CACHE_DIR, key[:40] + ".json")
 
 
@@ -276,8 +278,8 @@ def report(p: Plan, cfg: ml_collections.ConfigDict) -> str:
                      f"{100 * margin / p.chip.hbm_bytes:.0f}% of the chip)")
     if p.flops:
         lines.append(f"FLOPs per step per device: {p.flops:.3e} (compiled, recomputation included"
-                     + ("; estimate for the scanned layers, from the step unrolled and lowered" if p.loops_scaled
-                        else "") + ")")
+                     + ("; estimate for the scanned layers, from the step unrolled and lowered"
+                        if p.flops_estimated else "") + ")")
     if p.roofline_s:
         lines.append(f"estimate, roofline: >= {p.roofline_s * 1e3:.0f} ms per step, "
                      f"{cfg.train.global_batch / p.roofline_s:.1f} examples/s at best "

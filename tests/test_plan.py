@@ -82,7 +82,7 @@ def test_scanned_layers_plan_the_unrolled_steps_flops(config, deep_model_dir):
     unrolled = plan_lib.plan(cfg, "v5e:2x2", progress=False)
     cfg.model.scan_layers = True
     scanned = plan_lib.plan(cfg, "v5e:2x2", progress=False)
-    assert scanned.loops_scaled and not unrolled.loops_scaled
+    assert scanned.flops_estimated and not unrolled.flops_estimated
     print(f"FLOPs scanned/unrolled {scanned.flops / unrolled.flops:.4f}, "
           f"bytes {scanned.bytes_accessed / unrolled.bytes_accessed:.4f}")
     np.testing.assert_allclose(scanned.flops, unrolled.flops, rtol=0.1)
