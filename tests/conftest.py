@@ -60,6 +60,25 @@ def tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
+def fsdp_matches(loss, params, want, want_grads):
+    """`loss(params)` and its gradients with `params` split by jaxcond's FSDP rule over 8
+    devices and gathered where used (`sharding.gathering`) equal `want` and `want_grads` to
+    float rounding. Returns the gathered loss's jaxpr, to see where it gathers."""
+    from jaxcond import sharding
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
+    params = jax.device_put(params, sharding.param_shardings(mesh, params, 0))
+
+    def gathered(p):
+        with sharding.gathering(sharding.replicated(mesh)):
+            return loss(p)
+
+    got, grads = jax.jit(jax.value_and_grad(gathered))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads, want_grads)
+    return jax.make_jaxpr(gathered)(params)
+
+
 def start_two_processes(cfg_path, workdir: str, env: dict, logs: list, record_dir=None) -> list:
     """The two processes of one run (tests/multihost_worker.py, gloo on a free local port),
     each writing its output to its file in `logs` (a full pipe would stall them)."""

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import fsdp_matches
 from jaxcond import config as config_lib, train as train_lib
 from jaxcond.models import remat
 from jaxcond.models.unet_clip import UNetCLIP
@@ -67,21 +68,10 @@ def test_scanned_layers_give_the_same_loss_and_gradients(deep_model_dir, policy)
 def test_scanned_layers_under_fsdp_gather_per_step(deep_model_dir):
     """On an 8-way FSDP mesh the scan gathers each block's params inside its step: the
     same loss and gradients as one device."""
-    from jaxcond import sharding
-
     family = UNetCLIP(deep_model_dir, remat="layers", scan_layers=True)
     want, want_grads = _loss_and_grads(family)
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
-    params = jax.device_put(family.trainable, sharding.param_shardings(mesh, family.trainable, 0))
-
-    def gathered(p):
-        with sharding.gathering(sharding.replicated(mesh)):
-            return _loss(family, p)
-
-    got, grads = jax.jit(jax.value_and_grad(gathered))(params)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads, want_grads)
-    scans = [e for e in _equations(jax.make_jaxpr(gathered)(params).jaxpr) if e.primitive.name == "scan"]
+    jaxpr = fsdp_matches(lambda p: _loss(family, p), family.trainable, want, want_grads)
+    scans = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "scan"]
     assert scans and all(any(i.primitive.name == "sharding_constraint" for i in _equations(e.params["jaxpr"].jaxpr))
                          for e in scans), "each scan step gathers its block's params"
 
