@@ -127,6 +127,14 @@ def gather(tree: Any) -> Any:
     return tree if target is None else jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: target, tree))
 
 
+def gathering_own_params(cls: type) -> type:
+    """Flax module class `cls` gathering its own params (`gather`) where it runs: a layer of
+    an FSDP step that never holds the whole tree gathered."""
+    import flax.linen as nn
+
+    return nn.map_variables(cls, "params", trans_in_fn=gather, init=False, mutable=False)
+
+
 def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
     """The rule: largest fsdp-divisible dimension of a big enough tensor goes over "fsdp"."""
     if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:

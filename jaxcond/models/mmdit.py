@@ -324,7 +324,7 @@ def layer_class(cls: type, remat: bool) -> type:
     each block gathers its own params where it runs, and with `remat` it is recomputed in
     the backward pass, the gather included, so a step never holds every block gathered."""
     if sharding.gathering_active():
-        cls = nn.map_variables(cls, "params", trans_in_fn=sharding.gather, init=False, mutable=False)
+        cls = sharding.gathering_own_params(cls)
     return nn.remat(cls) if remat else cls
 
 

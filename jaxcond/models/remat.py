@@ -90,7 +90,7 @@ def _scanned(base: type, block: type, per_layer: bool, keep: object) -> type:
                 return layer.apply({"params": sharding.gather(p)}, h, context, deterministic), None
 
             if per_layer:
-                step = jax.checkpoint(step, policy=None if keep is _NOTHING else keep)
+                step = jax.checkpoint(step, policy=_policy(keep))
             h, _ = jax.lax.scan(step, h, stacked)
             if self.use_linear_projection:
                 h = self.proj_out(h).reshape(batch, height, width, channels)
@@ -102,7 +102,12 @@ def _scanned(base: type, block: type, per_layer: bool, keep: object) -> type:
 
 
 def _remat(cls: type, keep: object) -> type:
-    return nn.remat(cls, policy=None if keep is _NOTHING else keep)
+    return nn.remat(cls, policy=_policy(keep))
+
+
+def _policy(keep: object) -> object:
+    """jax.checkpoint's policy for what POLICIES says is saved."""
+    return None if keep is _NOTHING else keep
 
 
 @contextlib.contextmanager
@@ -128,8 +133,7 @@ def wrapped(policy: str, scan_layers: bool = False) -> Iterator[None]:
                 for name in names:
                     cls = original = getattr(module, name)
                     if gather and scope is _LAYERS:
-                        cls = nn.map_variables(cls, "params", trans_in_fn=sharding.gather, init=False,
-                                               mutable=False)
+                        cls = sharding.gathering_own_params(cls)
                     if where == ("layers" if scope is _LAYERS else "blocks"):
                         cls = _remat(cls, keep)
                     if cls is not original:
